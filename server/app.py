@@ -1,0 +1,29 @@
+"""The fedrnn ServerApp (Flower Message API).
+
+``app`` reads its settings from the run config (``flwr run .`` with
+``[tool.flwr.app.config]`` and ``--run-config``); ``make_app(config)`` builds the same app
+around an already resolved config, which is how ``fedrnn simulate`` starts it.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.federation import run_federation
+from shared.config import RunConfig
+from shared.logs import console_logging
+
+
+def make_app(config: RunConfig | None = None) -> ServerApp:
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        console_logging()
+        run_federation(grid, config or RunConfig.from_flat(dict(context.run_config)))
+
+    return server_app
+
+
+app = make_app()

@@ -1,0 +1,67 @@
+"""The server's strategy: Flower's FedAvg or FedAdam, with fedrnn's metric aggregation."""
+
+from __future__ import annotations
+
+import math
+
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg
+
+from shared import protocol as P
+from shared.config import RunConfig
+
+EPSILON_MAX = "epsilon-max"
+CLIENTS = "clients"
+
+
+def build_strategy(config: RunConfig, *, available: int) -> FedAvg:
+    """Sample ``clients-per-round`` of ``available`` sites to train, and evaluate on
+    ``eval-clients-per-round`` of them (0 means all)."""
+    train_k = config.clients_per_round or available
+    eval_k = config.eval_clients_per_round or available
+    if train_k > available or eval_k > available:
+        from shared.errors import ConfigError
+
+        raise ConfigError(f"clients-per-round ({train_k}) and eval-clients-per-round "
+                          f"({eval_k}) cannot exceed the {available} available clients")
+    common = dict(
+        # Flower samples max(int(fraction * available), min_nodes): the minimum decides.
+        fraction_train=train_k / available, min_train_nodes=train_k,
+        fraction_evaluate=eval_k / available, min_evaluate_nodes=eval_k,
+        min_available_nodes=max(train_k, eval_k),
+        weighted_by_key=P.NUM_EXAMPLES, arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG,
+        train_metrics_aggr_fn=aggregate_metrics, evaluate_metrics_aggr_fn=aggregate_metrics,
+    )
+    if config.strategy == "fedadam":
+        # Client updates are already DP; the server's Adam is post-processing.
+        return FedAdam(eta=config.server_lr, eta_l=config.lr, **common)
+    return FedAvg(**common)
+
+
+def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted means of the clients' metrics, with these exceptions:
+
+    - ``epsilon`` becomes ``epsilon-max``, the largest cumulative spend among the clients;
+    - NaN values (a metric undefined at a client) are left out of the mean;
+    - ``num-examples`` is summed; ``clients`` counts the replies.
+    """
+    rows = [next(iter(r.metric_records.values())) for r in records]
+    out: dict[str, float] = {CLIENTS: len(rows), weight_key: sum(float(r[weight_key])
+                                                                 for r in rows)}
+    for key in rows[0]:
+        if key == weight_key:
+            continue
+        values = [float(r[key]) for r in rows]
+        if key == P.EPSILON:
+            out[EPSILON_MAX] = max(values)
+            continue
+        pairs = [(v, float(r[weight_key])) for v, r in zip(values, rows, strict=True)
+                 if not math.isnan(v)]
+        total = sum(w for _, w in pairs)
+        if not pairs:
+            out[key] = math.nan
+        elif total > 0:
+            out[key] = sum(v * w for v, w in pairs) / total
+        else:
+            out[key] = sum(v for v, _ in pairs) / len(pairs)
+    return MetricRecord(out)

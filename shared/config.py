@@ -1,0 +1,198 @@
+"""The run configuration: every default in one place, one path from defaults to flags.
+
+A run is described by one flat mapping of kebab-case keys (``rounds``, ``clients-per-round``,
+``noise-multiplier`` ...). The same keys appear in ``[tool.flwr.app.config]`` of
+pyproject.toml (``flwr run .``), in a ``--config FILE.toml`` and as ``fedrnn simulate``
+flags; precedence is defaults < file < flags. The server sends the resolved mapping to
+clients inside every round's ConfigRecord, so a site needs nothing but its data and
+ledger paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+
+TASKS = ("classify", "lm", "forecast")
+MODELS = ("gru", "lstm", "rnn")
+TOKENIZERS = ("char", "word")
+PARTITIONERS = ("auto", "natural", "iid", "dirichlet")
+STRATEGIES = ("fedavg", "fedadam")
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run. Field ``noise_multiplier`` has key ``noise-multiplier``."""
+
+    # --- data -------------------------------------------------------------------------------
+    dataset: str = _opt("nafld", "built-in dataset: nafld, tweets, synthetic (ignored with --data)")
+    data: str = _opt("", "your own data file: .jsonl/.csv text or long-format numeric .csv")
+    task: str = _opt("classify", "what to learn", TASKS)
+    tokenizer: str = _opt("char", "text tokenizer (fixed vocabulary, nothing learnt from data)",
+                          TOKENIZERS)
+    vocab_size: int = _opt(4096, "hash buckets of the word tokenizer")
+    max_len: int = _opt(48, "tokens or time steps kept per sequence; longer ones are truncated")
+    labels: str = _opt("", "comma-separated class names (filled from the data when empty)")
+    features: str = _opt("", "comma-separated numeric feature columns (filled from the data)")
+    partitioner: str = _opt("auto", "how records are split into clients: auto uses the "
+                            "'client' column when present, else iid", PARTITIONERS)
+    dirichlet_alpha: float = _opt(0.5, "label skew of the dirichlet partitioner (smaller = more)")
+    eval_fraction: float = _opt(0.2, "share of each client's sequences held out for evaluation")
+    # --- model ------------------------------------------------------------------------------
+    model: str = _opt("gru", "recurrent cell", MODELS)
+    nonlinearity: str = _opt("tanh", "activation of the vanilla rnn", ("tanh", "relu"))
+    hidden_size: int = _opt(64, "hidden units per layer")
+    num_layers: int = _opt(1, "stacked recurrent layers")
+    dropout: float = _opt(0.0, "dropout between stacked layers")
+    embedding_dim: int = _opt(32, "token embedding size (text inputs)")
+    # --- federation -------------------------------------------------------------------------
+    rounds: int = _opt(15, "federated rounds")
+    clients: int = _opt(10, "simulated sites when a partitioner splits the data")
+    clients_per_round: int = _opt(0, "sites sampled per training round (0 = all)")
+    eval_clients_per_round: int = _opt(0, "sites sampled per evaluation round (0 = all)")
+    strategy: str = _opt("fedavg", "server aggregation", STRATEGIES)
+    server_lr: float = _opt(0.05, "server learning rate of fedadam")
+    local_epochs: int = _opt(1, "passes over local data per round (in expectation, with DP)")
+    batch_size: int = _opt(64, "expected batch size (Poisson sampling rate = batch/records)")
+    optimizer: str = _opt("adam", "client optimizer", OPTIMIZERS)
+    lr: float = _opt(0.01, "client learning rate")
+    # --- privacy ----------------------------------------------------------------------------
+    dp: bool = _opt(True, "train with DP-SGD (false: non-private baseline)")
+    epsilon: float = _opt(8.0, "target record-level epsilon per site over the whole run")
+    delta: float = _opt(1e-5, "target delta per site")
+    noise_multiplier: float = _opt(0.0, "explicit noise multiplier (0 = calibrate to --epsilon)")
+    clip_norm: float = _opt(1.0, "per-sample gradient clipping norm")
+    accountant: str = _opt("rdp", "privacy accountant", ACCOUNTANTS)
+    # --- run --------------------------------------------------------------------------------
+    seed: int = _opt(0, "random seed (data split, model init, sampling, noise)")
+    out: str = _opt("", "run directory (default runs/<time>)")
+
+    # ------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        problems = []
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"{key_of(f.name)} must be one of {', '.join(choices)}, "
+                                f"not {getattr(self, f.name)!r}")
+        positive = ("rounds", "clients", "batch_size", "hidden_size", "num_layers",
+                    "local_epochs", "max_len", "vocab_size", "embedding_dim")
+        problems += [f"{key_of(n)} must be at least 1" for n in positive if getattr(self, n) < 1]
+        if self.clients_per_round < 0 or self.eval_clients_per_round < 0:
+            problems.append("clients-per-round must be 0 (all) or positive")
+        if self.dp:
+            if not (self.epsilon > 0):
+                problems.append("epsilon must be positive (use --no-dp for no privacy)")
+            if not (0 < self.delta < 1):
+                problems.append("delta must be in (0, 1)")
+            if self.clip_norm <= 0:
+                problems.append("clip-norm must be positive")
+            if self.noise_multiplier < 0:
+                problems.append("noise-multiplier must be 0 (calibrate) or positive")
+        if not (0 < self.eval_fraction < 1):
+            problems.append("eval-fraction must be in (0, 1)")
+        if not (0 <= self.dropout < 1):
+            problems.append("dropout must be in [0, 1)")
+        if self.lr <= 0 or self.server_lr <= 0 or self.dirichlet_alpha <= 0:
+            problems.append("lr, server-lr and dirichlet-alpha must be positive")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    # --- derived ------------------------------------------------------------------------------
+    @property
+    def label_names(self) -> list[str]:
+        return [s for s in self.labels.split(",") if s] if self.labels else []
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [s for s in self.features.split(",") if s] if self.features else []
+
+    @property
+    def calibrate_noise(self) -> bool:
+        """Whether the noise multiplier is solved from the epsilon target."""
+        return self.dp and self.noise_multiplier == 0 and math.isfinite(self.epsilon)
+
+    # --- conversions --------------------------------------------------------------------------
+    def to_flat(self) -> dict[str, Any]:
+        """Kebab-case mapping of every field (ConfigRecord- and TOML-friendly)."""
+        return {key_of(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], *, base: RunConfig | None = None) -> RunConfig:
+        """Build from a kebab-case mapping; unknown keys are an error, missing keys default."""
+        known = {key_of(f.name): f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)} "
+                              f"(known: {', '.join(sorted(known))})")
+        kwargs = {}
+        for key, value in values.items():
+            f = known[key]
+            kwargs[f.name] = _coerce(key, value, type(getattr(base or cls(), f.name)))
+        return dataclasses.replace(base or cls(), **kwargs)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def key_of(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a {kind.__name__}, not {value!r}") from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a config file; accepts top-level keys or a ``[fedrnn]`` table."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return data.get("fedrnn", data)
+
+
+def dump_toml(config: RunConfig) -> str:
+    """Resolved config as TOML text (``config.toml`` in a run directory)."""
+    lines = []
+    for key, value in config.to_flat().items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, float) and math.isinf(value):
+            text = "inf" if value > 0 else "-inf"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"

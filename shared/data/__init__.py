@@ -1,0 +1,167 @@
+"""Data: reading sources, splitting them into clients, and one client's tensors.
+
+Public surface:
+- ``resolve(config)``: check the data against the task; fill ``labels``/``features``;
+- ``partition_corpus(config)``: client names and their record indices (simulation);
+- ``client_data(config, partition_id)``: one client's train/eval tensors, cached per process.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.config import RunConfig
+from shared.data.builtin import load_builtin
+from shared.data.corpus import Corpus
+from shared.data.partition import partition, train_eval_split
+from shared.data.readers import read_file
+from shared.data.tensors import SequenceTensors, encode_series, encode_text, local_scaling
+from shared.data.tokenizers import make_tokenizer
+from shared.errors import DataError
+
+__all__ = ["ClientData", "Corpus", "SequenceTensors", "client_data", "load_corpus",
+           "partition_corpus", "resolve"]
+
+
+def load_corpus(config: RunConfig) -> Corpus:
+    """The configured source (``data`` file, else built-in ``dataset``), read once per process."""
+    if config.data:
+        path = Path(config.data).expanduser().resolve()
+        stamp = path.stat().st_mtime_ns if path.exists() else 0
+        return _read_cached(str(path), stamp)
+    # Only synthetic data depends on these; a real dataset is the same for any of them.
+    source = {k: getattr(config, k) for k in ("dataset", "task", "clients", "seed")}
+    return _builtin_cached(RunConfig().replace(**source))
+
+
+@functools.lru_cache(maxsize=2)
+def _read_cached(path: str, _mtime: int) -> Corpus:
+    return read_file(path)
+
+
+@functools.lru_cache(maxsize=2)
+def _builtin_cached(config: RunConfig) -> Corpus:
+    return load_builtin(config)
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """Check that the data suits the task and fill in the schema the model is built from.
+
+    ``labels`` and ``features`` describe the schema (class names, column names), which
+    every site must share to train one model. In a simulation the researcher holds all
+    records, so reading them off the file is the same as fixing them in advance.
+    """
+    corpus = load_corpus(config)
+    source = corpus.source
+    if config.task == "lm" and corpus.kind != "text":
+        raise DataError(source, "task lm needs text records (a 'text' column); this file holds "
+                                "numeric sequences: use --task classify or forecast")
+    if config.task == "forecast" and corpus.kind != "series":
+        raise DataError(source, "task forecast needs numeric sequences; this file holds text: "
+                                "use --task lm or classify")
+    changes: dict[str, str] = {}
+    if config.task == "classify":
+        if corpus.labels is None:
+            raise DataError(source, "task classify needs a 'label' for every record")
+        found = corpus.label_set
+        if len(found) < 2:
+            raise DataError(source, f"task classify needs at least two classes; found "
+                                    f"{found or 'none'}")
+        if not config.labels:
+            changes["labels"] = ",".join(found)
+        else:
+            _check_subset(source, "label", found, config.label_names)
+    if corpus.kind == "series":
+        if not config.features:
+            changes["features"] = ",".join(corpus.feature_names)
+        elif tuple(config.feature_names) != corpus.feature_names:
+            raise DataError(source, f"feature columns {', '.join(corpus.feature_names)} differ "
+                                    f"from the run's features {config.features}")
+    return config.replace(**changes) if changes else config
+
+
+def _check_subset(source: str, what: str, found: list[str], allowed: list[str]) -> None:
+    unknown = [v for v in found if v not in allowed]
+    if unknown:
+        raise DataError(source, f"{what}(s) {', '.join(unknown)} are not among the run's "
+                                f"{what}s {', '.join(allowed)}")
+
+
+def partition_corpus(config: RunConfig) -> tuple[list[str], list[np.ndarray]]:
+    """Client names and record indices, deterministic in ``config.seed``."""
+    return partition(load_corpus(config), config)
+
+
+@dataclass
+class ClientData:
+    name: str
+    train: SequenceTensors
+    eval: SequenceTensors
+
+
+def client_data(config: RunConfig, partition_id: int) -> ClientData:
+    """One simulated client's tensors, built once per process and reused across rounds."""
+    return _client_data_cached(_data_only(config), partition_id)
+
+
+_DATA_FIELDS = ("dataset", "data", "task", "tokenizer", "vocab_size", "max_len", "labels",
+                "features", "partitioner", "dirichlet_alpha", "clients", "eval_fraction", "seed")
+
+
+def _data_only(config: RunConfig) -> RunConfig:
+    """The config with every non-data setting at its default: the cache key of a client's data."""
+    return RunConfig().replace(**{k: getattr(config, k) for k in _DATA_FIELDS})
+
+
+@functools.lru_cache(maxsize=256)
+def _client_data_cached(config: RunConfig, partition_id: int) -> ClientData:
+    corpus = load_corpus(config)
+    names, parts = partition(corpus, config)
+    if not 0 <= partition_id < len(parts):
+        raise DataError(corpus.source, f"client {partition_id} requested but the data has "
+                                       f"{len(parts)} clients")
+    train_idx, eval_idx = train_eval_split(parts[partition_id], eval_fraction=config.eval_fraction,
+                                           seed=config.seed * 100_003 + partition_id)
+    train, evaluation = encode_split(corpus, config, train_idx, eval_idx)
+    return ClientData(name=names[partition_id], train=train, eval=evaluation)
+
+
+def encode_split(corpus: Corpus, config: RunConfig, train_idx: np.ndarray,
+                 eval_idx: np.ndarray) -> tuple[SequenceTensors, SequenceTensors]:
+    """Tensors for a client's train and eval records (scaling from its train part only)."""
+    label_index = {name: i for i, name in enumerate(config.label_names)}
+
+    def labels_of(idx: np.ndarray) -> torch.Tensor:
+        if config.task != "classify":
+            return torch.full((len(idx),), -1, dtype=torch.long)
+        unknown = sorted({corpus.labels[i] for i in idx} - set(label_index))
+        if unknown:
+            raise DataError(corpus.source, f"label(s) {', '.join(unknown)} are not among the "
+                                           f"run's labels {config.labels}")
+        return torch.tensor([label_index[corpus.labels[i]] for i in idx], dtype=torch.long)
+
+    if corpus.kind == "text":
+        tokenizer = make_tokenizer(config.tokenizer, config.vocab_size)
+
+        def encode(idx: np.ndarray) -> SequenceTensors:
+            tokens, lengths = encode_text([corpus.texts[i] for i in idx], tokenizer,
+                                          config.max_len)
+            return SequenceTensors(tokens, lengths, labels_of(idx))
+    else:
+        if corpus.scaling is not None:
+            mean = np.array([corpus.scaling[f][0] for f in corpus.feature_names])
+            std = np.array([corpus.scaling[f][1] for f in corpus.feature_names])
+        else:
+            mean, std = local_scaling([corpus.values[i] for i in train_idx])
+
+        def encode(idx: np.ndarray) -> SequenceTensors:
+            inputs, lengths = encode_series([corpus.values[i] for i in idx],
+                                            [corpus.times[i] for i in idx],
+                                            mean=mean, std=std, max_len=config.max_len)
+            return SequenceTensors(inputs, lengths, labels_of(idx))
+    return encode(train_idx), encode(eval_idx)

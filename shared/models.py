@@ -1,0 +1,84 @@
+"""Recurrent sequence models: an input layer, a stacked RNN/LSTM/GRU, and a task head.
+
+The recurrent layers are Opacus's DP-ready ``DPRNN``/``DPGRU``/``DPLSTM``: numerically the
+torch layers, built from ``RNNLinear`` modules Opacus computes per-sample gradients for.
+Their ``state_dict`` also carries torch's names (``weight_ih_l0`` ...), so saved weights
+load into ``torch.nn`` layers for inference.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import torch
+from opacus.layers import DPGRU, DPLSTM, DPRNN
+from torch import nn
+
+from shared.config import RunConfig
+from shared.data.tokenizers import make_tokenizer
+
+
+class SequenceModel(nn.Module):
+    """Maps a padded batch to per-step outputs (``lm``, ``forecast``) or one output per
+    sequence taken at its last valid step (``classify``).
+
+    Inputs: ``x`` [B, T] token ids or [B, T, C] channels, ``lengths`` [B] valid steps (>= 1).
+    Outputs: [B, T, n_outputs] or [B, n_outputs].
+    """
+
+    def __init__(self, *, cell: str, n_outputs: int, per_step: bool, hidden_size: int,
+                 num_layers: int, dropout: float = 0.0, nonlinearity: str = "tanh",
+                 vocab_size: int = 0, embedding_dim: int = 0, n_channels: int = 0) -> None:
+        super().__init__()
+        if (vocab_size > 0) == (n_channels > 0):
+            raise ValueError("give exactly one of vocab_size (tokens) or n_channels (series)")
+        self.embed = nn.Embedding(vocab_size, embedding_dim) if vocab_size else None
+        input_size = embedding_dim if vocab_size else n_channels
+        extra = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
+        rnn_class = {"rnn": DPRNN, "gru": DPGRU, "lstm": DPLSTM}[cell]
+        self.rnn = rnn_class(input_size, hidden_size, num_layers=num_layers, batch_first=True,
+                             dropout=dropout if num_layers > 1 else 0.0, **extra)
+        self.head = nn.Linear(hidden_size, n_outputs)
+        self.per_step = per_step
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) if self.embed is not None else x  # [B, T, E]
+        out, _ = self.rnn(h)  # [B, T, H]
+        if self.per_step:
+            return self.head(out)  # [B, T, n_outputs]
+        last = (lengths - 1).clamp(min=0)
+        return self.head(out[torch.arange(out.shape[0]), last])  # [B, n_outputs]
+
+
+def build_model(config: RunConfig) -> SequenceModel:
+    """The model a run's config describes (``features``/``labels`` resolved from the data)."""
+    kwargs: dict = {}
+    if config.feature_names:  # numeric series: [values, observed flags, gap] per step
+        kwargs["n_channels"] = 2 * len(config.feature_names) + 1
+    else:
+        kwargs["vocab_size"] = make_tokenizer(config.tokenizer, config.vocab_size).vocab_size
+        kwargs["embedding_dim"] = config.embedding_dim
+    if config.task == "classify":
+        n_outputs = len(config.label_names)
+    elif config.task == "lm":
+        n_outputs = kwargs.get("vocab_size", 0)
+    else:
+        n_outputs = len(config.feature_names)
+    if n_outputs < 1:
+        raise ValueError(f"cannot size the {config.task} head: resolve labels/features first")
+    return SequenceModel(cell=config.model, n_outputs=n_outputs,
+                         per_step=config.task != "classify", hidden_size=config.hidden_size,
+                         num_layers=config.num_layers, dropout=config.dropout,
+                         nonlinearity=config.nonlinearity, **kwargs)
+
+
+def load_trained(run_dir: str | Path) -> tuple[SequenceModel, RunConfig]:
+    """The final global model of a finished run, with the config that built it."""
+    run_dir = Path(run_dir)
+    with (run_dir / "config.toml").open("rb") as fh:
+        config = RunConfig.from_flat(tomllib.load(fh))
+    model = build_model(config)
+    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    return model.eval(), config
+

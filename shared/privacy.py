@@ -1,0 +1,45 @@
+"""Privacy accounting: the mathematics, kept apart from the DP-SGD mechanics.
+
+A site's spend is its *history*: the list of ``(noise_multiplier, sample_rate, steps)``
+of every DP-SGD release it made, the format of Opacus's accountants. Storing the history,
+not an epsilon, means any accountant can recompute the spend later. The functions here
+wrap Opacus's accountants (``rdp``, ``prv``, ``gdp``) and never re-derive them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
+
+
+def sample_rate(n_records: int, batch_size: int) -> float:
+    """Poisson sampling rate of DP-SGD, as Opacus derives it from a DataLoader."""
+    return 1.0 / math.ceil(n_records / batch_size)
+
+
+def steps_per_round(n_records: int, batch_size: int, local_epochs: int) -> int:
+    return local_epochs * math.ceil(n_records / batch_size)
+
+
+def epsilon(history: History, *, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` after every release in ``history`` (0 for none)."""
+    if not history:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str = "rdp") -> float:
+    """Smallest noise multiplier whose ``steps`` releases at ``sample_rate`` stay within
+    ``(target_epsilon, delta)`` (Opacus's search, tolerance 0.01 in epsilon)."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=steps,
+                                      accountant=accountant, epsilon_tolerance=0.01))

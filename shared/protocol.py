@@ -1,0 +1,18 @@
+"""Names that cross the wire between ServerApp and ClientApp, defined once.
+
+Record keys in a Message's RecordDict, and metric keys in its MetricRecords. Everything a
+client sends back is listed here: the DP-trained weights and these metrics, nothing else.
+"""
+
+ARRAYS = "arrays"  # ArrayRecord: global weights (to clients) / trained weights (to server)
+CONFIG = "config"  # ConfigRecord: the run's resolved config plus ROUND
+METRICS = "metrics"  # MetricRecord in every reply
+
+ROUND = "server-round"  # injected by Flower's strategies into CONFIG
+
+# Train replies
+NUM_EXAMPLES = "num-examples"  # training records (FedAvg weight); eval: units averaged over
+TRAIN_LOSS = "train-loss"
+EPSILON = "epsilon"  # the site's cumulative record-level epsilon after this round
+NOISE_MULTIPLIER = "noise-multiplier"
+STEPS = "steps"
