@@ -62,6 +62,10 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         row = {"round": server_round}
         row.update({name: eval_metrics[name] for name in METRICS[config.task]
                     if name in eval_metrics})
+        if "perplexity" in row and not math.isnan(row["loss"]):
+            # exp of the token-weighted mean loss: the federation's perplexity (a mean of
+            # the clients' perplexities would overstate it, exp being convex)
+            row["perplexity"] = math.exp(min(row["loss"], 50.0))
         row["train_loss"] = train_metrics.get(P.TRAIN_LOSS, math.nan)
         row["epsilon_max"] = train_metrics.get(EPSILON_MAX, 0.0) if config.dp else math.inf
         row["clients"] = int(train_metrics.get(CLIENTS, 0))

@@ -60,6 +60,7 @@ def simulate(config: RunConfig, *, verbose: bool = False) -> Path:
     # marks it deprecated in favour of ``flwr run``, which fedrnn also supports (README).
     flwr_logger.addFilter(_HideDeprecation())
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a CPU-only tip
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app

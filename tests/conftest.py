@@ -1,0 +1,34 @@
+"""Shared fixtures: small files in each supported format, written per test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def text_jsonl(tmp_path: Path) -> Path:
+    path = tmp_path / "messages.jsonl"
+    words = ["good", "bad", "fine", "poor"]
+    rows = [{"client": f"clinic-{i % 3}", "text": f"the visit was {words[i % 4]} today",
+             "label": "pos" if i % 4 in (0, 2) else "neg"} for i in range(30)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def series_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "vitals.csv"
+    lines = ["client,sequence_id,time,hr,temp,label"]
+    for seq in range(24):
+        for t in range(2 + seq % 4):
+            temp = "" if (seq + t) % 5 == 0 else f"{36.5 + 0.1 * t:.1f}"  # missing values
+            lines.append(f"ward-{seq % 2},p{seq},{t * 1.5},{60 + seq + t},{temp},"
+                         f"{'sick' if seq % 3 == 0 else 'well'}")
+    path.write_text("\n".join(lines) + "\n")
+    return path

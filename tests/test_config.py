@@ -1,0 +1,45 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from shared.cli import build_parser, config_from_args
+from shared.config import RunConfig, dump_toml
+from shared.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flat_round_trip_and_toml_dump():
+    config = RunConfig(rounds=3, epsilon=2.5, dp=False, labels="a,b")
+    assert RunConfig.from_flat(config.to_flat()) == config
+    assert RunConfig.from_flat(tomllib.loads(dump_toml(config))) == config
+
+
+def test_unknown_key_and_bad_values_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown setting"):
+        RunConfig.from_flat({"round": 3})
+    with pytest.raises(ConfigError, match="model must be one of"):
+        RunConfig(model="transformer")
+    with pytest.raises(ConfigError, match="rounds must be a int"):
+        RunConfig.from_flat({"rounds": "many"})
+    with pytest.raises(ConfigError, match="delta"):
+        RunConfig(delta=2.0)
+
+
+def test_flags_override_file_which_overrides_defaults(tmp_path):
+    file = tmp_path / "exp.toml"
+    file.write_text('rounds = 7\nmodel = "lstm"\nepsilon = 3.0\n')
+    args = build_parser().parse_args(["simulate", "--config", str(file), "--epsilon", "1.5",
+                                      "--no-dp"])
+    config = config_from_args(args)
+    assert (config.rounds, config.model, config.epsilon, config.dp) == (7, "lstm", 1.5, False)
+    assert config.hidden_size == RunConfig().hidden_size
+
+
+def test_pyproject_app_config_agrees_with_defaults():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    app_config = pyproject["tool"]["flwr"]["app"]["config"]
+    assert RunConfig.from_flat(app_config) == RunConfig()
+    components = pyproject["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "server.app:app", "clientapp": "client.app:app"}

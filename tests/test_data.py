@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+
+from shared.config import RunConfig
+from shared.data import client_data, partition_corpus, resolve
+from shared.data.builtin import WINDOW_DAYS, load_nafld
+from shared.data.tokenizers import BOS, EOS, CharTokenizer, HashWordTokenizer
+from shared.errors import DataError
+
+
+def test_natural_partition_uses_client_column(text_jsonl):
+    config = resolve(RunConfig(data=str(text_jsonl)))
+    names, parts = partition_corpus(config)
+    assert names == ["clinic-0", "clinic-1", "clinic-2"]
+    assert sum(len(p) for p in parts) == 30
+    assert config.labels == "neg,pos"
+
+
+def test_iid_and_dirichlet_partitions_cover_every_record_once():
+    for partitioner in ("iid", "dirichlet"):
+        config = RunConfig(dataset="synthetic", clients=5, partitioner=partitioner,
+                           dirichlet_alpha=0.3)
+        _, parts = partition_corpus(config)
+        everything = np.concatenate(parts)
+        assert len(everything) == len(set(everything.tolist())) == 150
+        assert min(len(p) for p in parts) >= 2
+
+
+def test_dirichlet_skews_labels():
+    config = resolve(RunConfig(dataset="synthetic", clients=5, partitioner="dirichlet",
+                               dirichlet_alpha=0.1))
+    shares = [client_data(config, i).train.labels.float().mean().item() for i in range(5)]
+    assert max(shares) - min(shares) > 0.5  # iid would give about 0.5 everywhere
+
+
+def test_too_many_clients_is_a_clear_error(text_jsonl):
+    with pytest.raises(DataError, match="use fewer --clients"):
+        partition_corpus(RunConfig(data=str(text_jsonl), partitioner="iid", clients=20))
+
+
+def test_client_split_and_tensors(series_csv):
+    config = resolve(RunConfig(data=str(series_csv), task="classify"))
+    data = client_data(config, 0)
+    assert data.name == "ward-0"
+    n_train, n_eval = len(data.train), len(data.eval)
+    assert n_train + n_eval == 12 and n_eval >= 1
+    inputs = data.train.inputs
+    assert inputs.shape[2] == 2 * 2 + 1  # values, observed flags, gap
+    # missing temperatures are zero with observed flag 0
+    flags = inputs[:, :, 3]
+    valid = torch.arange(inputs.shape[1])[None, :] < data.train.lengths[:, None]
+    assert (flags[valid] == 0).any() and (inputs[:, :, 1][flags == 0] == 0).all()
+    assert set(data.train.labels.tolist()) <= {0, 1}
+
+
+def test_text_tensors_truncate_records_not_split_them(text_jsonl):
+    config = resolve(RunConfig(data=str(text_jsonl), task="lm", max_len=10))
+    data = client_data(config, 0)
+    assert data.train.inputs.shape[1] == 11  # max_len inputs + 1 target
+    assert (data.train.inputs[:, 0] == BOS).all()
+    assert len(data.train) + len(data.eval) == 10  # one record per message
+
+
+def test_tokenizers_are_fixed_and_data_independent():
+    char = CharTokenizer()
+    assert char.decode(char.encode("Hi there!")) == "Hi there!"
+    word = HashWordTokenizer(64)
+    assert word.encode("Fever, fever") == word.encode("fever , FEVER")
+    assert all(4 <= i < word.vocab_size for i in word.encode("any words at all"))
+    assert EOS not in char.encode("text")
+
+
+def test_task_mismatch_messages(text_jsonl, series_csv):
+    with pytest.raises(DataError, match="task forecast needs numeric sequences"):
+        resolve(RunConfig(data=str(text_jsonl), task="forecast"))
+    with pytest.raises(DataError, match="task lm needs text"):
+        resolve(RunConfig(data=str(series_csv), task="lm"))
+
+
+def test_nafld_window_keeps_follow_up_out_of_the_input():
+    corpus = load_nafld(RunConfig())
+    assert corpus.kind == "series" and len(corpus) > 15_000
+    assert max(t.max() for t in corpus.times) <= WINDOW_DAYS
+    assert min(t.min() for t in corpus.times) >= -WINDOW_DAYS
+    assert corpus.label_set == ["died", "survived"]
+    died = (corpus.labels == "died").mean()
+    assert 0.03 < died < 0.12

@@ -1,0 +1,97 @@
+import copy
+import warnings
+
+import dp_accounting
+import pytest
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader
+
+from client.training import train
+from shared import tasks
+from shared.config import RunConfig
+from shared.data import client_data, resolve
+from shared.models import build_model
+from shared.privacy import calibrate_noise, epsilon, sample_rate, steps_per_round
+
+
+def _dp_accounting_epsilon(history, delta):
+    """Independent RDP accounting (Google's dp-accounting)."""
+    acc = dp_accounting.rdp.RdpAccountant()
+    for sigma, q, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        acc.compose(event, steps)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("task", ["classify", "lm"])
+def test_per_sample_gradients_are_exact_and_clipped(task):
+    """Opacus's clipped gradient sum equals a per-example loop, each example clipped."""
+    if task == "lm":
+        config = resolve(RunConfig(dataset="synthetic", task="lm", clients=2, hidden_size=8,
+                                   embedding_dim=4, num_layers=2))
+    else:
+        config = resolve(RunConfig(dataset="synthetic", task="classify", clients=2,
+                                   hidden_size=8, num_layers=2))
+    clip = 0.05
+    data = client_data(config, 0).train
+    batch = tuple(t[:8] for t in (data.inputs, data.lengths, data.labels))
+    torch.manual_seed(0)
+    model = build_model(config)
+    reference = copy.deepcopy(model)
+
+    clipped_sum = [torch.zeros_like(p) for p in reference.parameters()]
+    norms = []
+    for i in range(8):
+        reference.zero_grad()
+        tasks.loss(reference, tuple(t[i: i + 1] for t in batch), task).backward()
+        grads = [p.grad.clone() for p in reference.parameters()]
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        norms.append(norm.item())
+        factor = min(1.0, clip / (norm.item() + 1e-6))
+        assert norm * factor <= clip * (1 + 1e-5)
+        for acc, g in zip(clipped_sum, grads, strict=True):
+            acc += g * factor
+    assert min(norms) > clip  # clipping really binds for every example
+
+    loader = DataLoader(torch.utils.data.TensorDataset(*batch), batch_size=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private, optimizer, _ = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
+            max_grad_norm=clip, poisson_sampling=False)
+    private.train()
+    tasks.loss(private, batch, task).backward()
+    per_sample = torch.sqrt(sum((p.grad_sample.flatten(1) ** 2).sum(1)
+                                for p in model.parameters()))
+    assert per_sample.tolist() == pytest.approx(norms, rel=1e-4)
+    optimizer.pre_step()  # clip, add (zero) noise, average over the expected batch size
+    for p, expected in zip(model.parameters(), clipped_sum, strict=True):
+        assert torch.allclose(p.grad * 8, expected, atol=1e-6)
+
+
+def test_epsilon_grows_over_rounds_and_matches_an_independent_accountant():
+    config = resolve(RunConfig(dataset="synthetic", clients=2, hidden_size=8, batch_size=8))
+    data = client_data(config, 0).train
+    n = len(data)
+    model = build_model(config)
+    history, spent = [], []
+    for round_ in range(3):
+        result = train(model, data, config, noise_multiplier=1.1, seed=round_)
+        # one release per round: the noise, Poisson rate and steps Opacus actually used
+        assert result.history == [(1.1, sample_rate(n, 8), steps_per_round(n, 8, 1))]
+        assert result.steps == steps_per_round(n, 8, 1)
+        history += result.history
+        spent.append(epsilon(history, delta=1e-5))
+    assert spent[0] < spent[1] < spent[2]
+    assert spent[-1] == pytest.approx(_dp_accounting_epsilon(history, 1e-5), rel=0.02)
+
+
+@pytest.mark.parametrize("target,q,steps", [(1.0, 0.01, 1000), (3.0, 0.05, 300),
+                                            (8.0, 0.05, 300), (8.0, 0.2, 50)])
+def test_calibrated_noise_reaches_but_does_not_exceed_target(target, q, steps):
+    sigma = calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps)
+    reached = epsilon([(sigma, q, steps)], delta=1e-5)
+    assert target * 0.97 < reached <= target
+    assert _dp_accounting_epsilon([(sigma, q, steps)], 1e-5) == pytest.approx(reached, rel=0.02)
