@@ -37,8 +37,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(flag, type=type(default), default=None, help=help_text,
                                 choices=f.metadata.get("choices"), dest=f.name,
-                                metavar=f.name.split("_")[-1].upper()
-                                if not f.metadata.get("choices") else None)
+                                metavar=None if f.metadata.get("choices") else
+                                {int: "N", float: "X"}.get(type(default), "TEXT"))
     parser.add_argument("--config", metavar="FILE.toml", help="settings file with the same "
                         "keys (kebab-case); flags win over it")
 

@@ -16,6 +16,14 @@ from opacus.accountants.utils import get_noise_multiplier
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 
+# Opacus's RDP orders stop at 63; small spends (few steps, much noise) are tightest at
+# larger orders, where Opacus warns and over-reports. These are dp-accounting's orders.
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
+
+
+def _options(accountant: str) -> dict:
+    return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
+
 
 def sample_rate(n_records: int, batch_size: int) -> float:
     """Poisson sampling rate of DP-SGD, as Opacus derives it from a DataLoader."""
@@ -32,7 +40,7 @@ def epsilon(history: History, *, delta: float, accountant: str = "rdp") -> float
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta=delta))
+    return float(acc.get_epsilon(delta=delta, **_options(accountant)))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -42,4 +50,5 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     ``(target_epsilon, delta)`` (Opacus's search, tolerance 0.01 in epsilon)."""
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                       sample_rate=sample_rate, steps=steps,
-                                      accountant=accountant, epsilon_tolerance=0.01))
+                                      accountant=accountant, epsilon_tolerance=0.01,
+                                      **_options(accountant)))

@@ -1,0 +1,33 @@
+import math
+
+import pytest
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg
+
+from server.strategy import aggregate_metrics, build_strategy
+from shared.config import RunConfig
+from shared.errors import ConfigError
+
+
+def _reply(**metrics):
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def test_aggregate_metrics_weights_skips_nan_and_takes_max_epsilon():
+    out = aggregate_metrics([
+        _reply(**{"num-examples": 10, "loss": 1.0, "auroc": math.nan, "epsilon": 2.0}),
+        _reply(**{"num-examples": 30, "loss": 2.0, "auroc": 0.8, "epsilon": 5.0}),
+    ], "num-examples")
+    assert out["loss"] == pytest.approx(1.75)
+    assert out["auroc"] == pytest.approx(0.8)  # the NaN site is left out
+    assert out["epsilon-max"] == 5.0 and "epsilon" not in out
+    assert out["num-examples"] == 40 and out["clients"] == 2
+
+
+def test_strategy_samples_the_configured_number_of_clients():
+    strategy = build_strategy(RunConfig(clients_per_round=3), available=10)
+    assert isinstance(strategy, FedAvg) and strategy.min_train_nodes == 3
+    assert int(10 * strategy.fraction_train) <= 3 and strategy.min_evaluate_nodes == 10
+    assert isinstance(build_strategy(RunConfig(strategy="fedadam"), available=4), FedAdam)
+    with pytest.raises(ConfigError, match="cannot exceed"):
+        build_strategy(RunConfig(clients_per_round=11), available=10)
