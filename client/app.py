@@ -1,27 +1,30 @@
 """The fedrnn ClientApp: one site's train and evaluate handlers (Flower Message API).
 
-A site receives the global weights and the run's config; it trains with DP-SGD on its own
-records and replies with the trained weights and the metrics in ``shared.protocol``.
-Its privacy history lives in ``context.state`` and grows every round, so the epsilon it
-reports is its cumulative spend over the run.
+A site receives the global weights and the run's config; it checks its privacy budget,
+charges the round to its ledger (durably, before training), trains with DP-SGD on its
+own records and replies with the trained weights and the metrics in ``shared.protocol``.
+The epsilon it reports is its total spend according to its ledger, across runs.
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import math
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.ledger import Ledger
+from client.spending import BudgetExhausted, charge_round
 from client.training import evaluate as evaluate_local
 from client.training import train as train_local
 from shared import protocol as P
 from shared.config import RunConfig
 from shared.data import ClientData, client_data
 from shared.models import SequenceModel, build_model
-from shared.privacy import History, calibrate_noise, epsilon, sample_rate, steps_per_round
+from shared.privacy import calibrate_noise, sample_rate, steps_per_round
 
 app = ClientApp()
-
-PRIVACY_STATE = "privacy-history"
 
 
 @app.train()
@@ -29,20 +32,31 @@ def train(msg: Message, context: Context) -> Message:
     config, server_round = _run_config(msg)
     data = _site_data(config, context)
     model = _global_model(config, msg)
-    history = _history(context)
     sigma = noise_multiplier(config, n_records=len(data.train))
+    spent = math.inf
+    if sigma is not None:
+        planned = (sigma, sample_rate(len(data.train), config.batch_size),
+                   steps_per_round(len(data.train), config.batch_size, config.local_epochs))
+        with Ledger(ledger_path(config, context, data.name)) as ledger:
+            try:
+                spent = charge_round(ledger, fingerprint=data.fingerprint, site=data.name,
+                                     run_id=config.run_id, server_round=server_round,
+                                     planned=planned, config=config)
+            except BudgetExhausted as exc:
+                return Message(Error(P.DECLINED_BUDGET, str(exc)), reply_to=msg)
+    # Only now, with the release committed to the ledger, is the site's data touched.
     result = train_local(model, data.train, config, noise_multiplier=sigma,
                          seed=_seed(config, context, server_round))
-    if result.history:
-        history += result.history
-        _save_history(context, history)
+    if sigma is not None and result.history != [planned]:
+        # Never release an update whose mechanism differs from what was charged.
+        raise RuntimeError(f"DP-SGD ran {result.history}, but {planned} was charged")
     metrics = {
         P.NUM_EXAMPLES: len(data.train),
+        P.UNIT_WEIGHT: 1,
         P.TRAIN_LOSS: result.loss,
         P.STEPS: result.steps,
         P.NOISE_MULTIPLIER: sigma or 0.0,
-        P.EPSILON: epsilon(history, delta=config.delta, accountant=config.accountant)
-        if config.dp else float("inf"),
+        P.EPSILON: spent,
     }
     content = RecordDict({P.ARRAYS: ArrayRecord(model.state_dict()),
                           P.METRICS: MetricRecord(metrics)})
@@ -89,21 +103,15 @@ def _global_model(config: RunConfig, msg: Message) -> SequenceModel:
     return model
 
 
+def ledger_path(config: RunConfig, context: Context, site: str) -> Path:
+    """A deployed site names its ledger (node config ``ledger``); a simulated one keeps
+    it in ``ledger-dir`` (default ``<out>/ledgers``), one file per site."""
+    if "ledger" in context.node_config:
+        return Path(str(context.node_config["ledger"])).expanduser()
+    root = Path(config.ledger_dir) if config.ledger_dir else Path(config.out) / "ledgers"
+    return root / f"{site}.sqlite"
+
+
 def _seed(config: RunConfig, context: Context, server_round: int) -> int:
     return (config.seed * 1_000_003 + int(context.node_config["partition-id"]) * 10_007
             + server_round) % 2**31
-
-
-def _history(context: Context) -> History:
-    record = context.state.config_records.get(PRIVACY_STATE)
-    if record is None:
-        return []
-    return list(zip(record["noise"], record["rate"], record["steps"], strict=True))
-
-
-def _save_history(context: Context, history: History) -> None:
-    context.state[PRIVACY_STATE] = ConfigRecord({
-        "noise": [float(s) for s, _, _ in history],
-        "rate": [float(q) for _, q, _ in history],
-        "steps": [int(n) for _, _, n in history],
-    })

@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -19,12 +20,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.records import RunRecord
-from server.strategy import CLIENTS, EPSILON_MAX, build_strategy
+from server.strategy import EPSILON_MAX, build_strategy, user_level_release
 from shared import protocol as P
 from shared.config import RunConfig
 from shared.data import resolve
 from shared.errors import FedrnnError
 from shared.models import build_model
+from shared.privacy import History, epsilon
 from shared.tasks import METRICS
 
 log = logging.getLogger("fedrnn")
@@ -39,6 +41,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     config = resolve(config)
     if not config.out:
         config = config.replace(out=default_out_dir())
+    if not config.run_id:
+        config = config.replace(run_id=f"{Path(config.out).name}-{uuid.uuid4().hex[:8]}")
     random.seed(config.seed)  # Flower's node sampling draws from ``random``
     torch.manual_seed(config.seed)
     model = build_model(config)
@@ -46,18 +50,25 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     strategy = build_strategy(config, available=config.clients)
     record = RunRecord(config.out, config)
     flat = config.to_flat()
+    user_history: History = []
+    exhausted: set[int] = set()  # sites that declined for lack of budget
     log.info("run directory %s", record.dir)
 
     for server_round in range(1, config.rounds + 1):
         started = time.monotonic()
-        replies = _exchange(grid, strategy.configure_train(server_round, arrays,
-                                                           ConfigRecord(flat), grid), "train")
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(flat), grid))
+        updates, declined = _exchange(grid, messages, "train")
+        exhausted |= {m.metadata.src_node_id for m in declined}
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, updates)
         if new_arrays is not None:
             arrays = new_arrays
-        replies = _exchange(grid, strategy.configure_evaluate(server_round, arrays,
-                                                              ConfigRecord(flat), grid), "evaluate")
-        eval_metrics = strategy.aggregate_evaluate(server_round, replies) or {}
+            if config.user_level:
+                user_history.append(user_level_release(
+                    config, received=len(updates), sampled=len(messages),
+                    available=config.clients))
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(flat), grid)
+        evaluations, _ = _exchange(grid, messages, "evaluate")
+        eval_metrics = strategy.aggregate_evaluate(server_round, evaluations) or {}
         train_metrics = train_metrics or {}
         row = {"round": server_round}
         row.update({name: eval_metrics[name] for name in METRICS[config.task]
@@ -67,49 +78,94 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             # the clients' perplexities would overstate it, exp being convex)
             row["perplexity"] = math.exp(min(row["loss"], 50.0))
         row["train_loss"] = train_metrics.get(P.TRAIN_LOSS, math.nan)
-        row["epsilon_max"] = train_metrics.get(EPSILON_MAX, 0.0) if config.dp else math.inf
-        row["clients"] = int(train_metrics.get(CLIENTS, 0))
+        row["epsilon_max"] = (train_metrics.get(EPSILON_MAX, math.nan)
+                              if config.record_level else math.inf)
+        if config.user_level:
+            row["user_epsilon"] = epsilon(user_history, delta=config.delta,
+                                          accountant=config.accountant)
+        row["clients"] = len(updates)
+        row["declined"] = len(declined)
         row["seconds"] = round(time.monotonic() - started, 3)
         record.add_round(row)
         log.info("%s", _progress_line(row, config))
+        if len(exhausted) >= config.clients:
+            log.warning("every site's privacy budget is spent: stopping after round %d "
+                        "(fedrnn audit %s shows each site's spend)", server_round, record.dir)
+            break
 
     final_model = build_model(config)
     final_model.load_state_dict(arrays.to_torch_state_dict())
-    last = record.rows[-1] if record.rows else {}
+    spent = [r["epsilon_max"] for r in record.rows
+             if isinstance(r.get("epsilon_max"), float) and not math.isnan(r["epsilon_max"])]
     record.finish(final_model.state_dict(), privacy={
-        "epsilon_max": last.get("epsilon_max", 0.0) if config.dp else math.inf,
+        "level": config.dp_level if config.dp else "none",
+        # None when no site trained in this run: the ledgers (fedrnn audit) hold the spend
+        "epsilon_max": (max(spent) if spent else None) if config.record_level else math.inf,
         "delta": config.delta if config.dp else None,
         "accountant": config.accountant if config.dp else None,
         "epsilon_target": config.epsilon if config.calibrate_noise else None,
         "noise_multiplier": config.noise_multiplier or None,
-        "clip_norm": config.clip_norm if config.dp else None,
-        "level": "record" if config.dp else "none",
+        "clip_norm": config.clip_norm if config.record_level else None,
+        "budget_epsilon": config.site_budget[0] if config.record_level else None,
+        "budget_delta": config.site_budget[1] if config.record_level else None,
+        "sites_out_of_budget": len(exhausted),
+        "ledger_dir": str(Path(config.ledger_dir) if config.ledger_dir
+                          else Path(config.out) / "ledgers") if config.record_level else None,
+        "user_level": _user_level_summary(config, user_history),
     })
+    if exhausted:
+        log.warning("%d of %d sites ran out of privacy budget and declined to train",
+                    len(exhausted), config.clients)
     log.info("done: %s", record.dir)
     return record.dir
 
 
-def _exchange(grid: Grid, messages, phase: str) -> list[Message]:
-    """Send one phase's messages; clients' failures are reported, and fatal only if all fail."""
+def _user_level_summary(config: RunConfig, history: History) -> dict | None:
+    if not config.user_level:
+        return None
+    return {
+        "epsilon": epsilon(history, delta=config.delta, accountant=config.accountant),
+        "delta": config.delta, "accountant": config.accountant,
+        "noise_multiplier": config.user_noise_multiplier, "clip_norm": config.user_clip_norm,
+        "history": [{"noise_multiplier": s, "sample_rate": q, "steps": n}
+                    for s, q, n in history],
+    }
+
+
+def _exchange(grid: Grid, messages, phase: str) -> tuple[list[Message], list[Message]]:
+    """Send one phase's messages; returns (replies with content, budget declines).
+
+    A decline is a site's refusal, not a failure: it is logged with the site's reason.
+    Failures are logged, and fatal only if every site failed.
+    """
     messages = list(messages)
     if not messages:
-        return []
+        return [], []
     replies = list(grid.send_and_receive(messages))
-    failed = [m for m in replies if m.has_error()]
+    ok = [m for m in replies if not m.has_error()]
+    declined = [m for m in replies if m.has_error() and m.error.code == P.DECLINED_BUDGET]
+    failed = [m for m in replies if m.has_error() and m.error.code != P.DECLINED_BUDGET]
+    for m in declined:
+        log.info("%s", m.error.reason)
     for m in failed:
         log.warning("%s failed at node %s: %s", phase, m.metadata.src_node_id, m.error.reason)
-    if failed and len(failed) == len(replies):
+    if failed and not ok and not declined:
         raise FedrnnError(f"every client failed to {phase}; first error: {failed[0].error.reason}")
-    return replies
+    return ok, declined
 
 
 def _progress_line(row: dict, config: RunConfig) -> str:
     parts = [f"round {row['round']:>3}/{config.rounds}", f"clients {row['clients']}"]
+    if row.get("declined"):
+        parts.append(f"declined {row['declined']} (budget)")
     for name in METRICS[config.task]:
         value = row.get(name)
         if isinstance(value, float) and not math.isnan(value):
             parts.append(f"{name} {value:.4f}")
     eps = row["epsilon_max"]
-    parts.append("epsilon -" if math.isinf(eps) else f"epsilon {eps:.3f}")
+    if not math.isinf(eps):
+        parts.append(f"epsilon {eps:.3f}")
+    if "user_epsilon" in row:
+        parts.append(f"user epsilon {row['user_epsilon']:.3f}")
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import math
 
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    Strategy,
+)
 
 from shared import protocol as P
 from shared.config import RunConfig
@@ -14,9 +19,15 @@ EPSILON_MAX = "epsilon-max"
 CLIENTS = "clients"
 
 
-def build_strategy(config: RunConfig, *, available: int) -> FedAvg:
+def build_strategy(config: RunConfig, *, available: int) -> Strategy:
     """Sample ``clients-per-round`` of ``available`` sites to train, and evaluate on
-    ``eval-clients-per-round`` of them (0 means all)."""
+    ``eval-clients-per-round`` of them (0 means all).
+
+    With user-level DP, Flower's ``DifferentialPrivacyServerSideFixedClipping`` wraps the
+    strategy: each site's whole update is clipped to ``user-clip-norm`` and Gaussian noise
+    of std ``user-noise-multiplier * user-clip-norm / sampled`` is added to the mean, which
+    therefore weights every site equally (``unit-weight``) instead of by its records.
+    """
     train_k = config.clients_per_round or available
     eval_k = config.eval_clients_per_round or available
     if train_k > available or eval_k > available:
@@ -29,13 +40,33 @@ def build_strategy(config: RunConfig, *, available: int) -> FedAvg:
         fraction_train=train_k / available, min_train_nodes=train_k,
         fraction_evaluate=eval_k / available, min_evaluate_nodes=eval_k,
         min_available_nodes=max(train_k, eval_k),
-        weighted_by_key=P.NUM_EXAMPLES, arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG,
+        weighted_by_key=P.UNIT_WEIGHT if config.user_level else P.NUM_EXAMPLES,
+        arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG,
         train_metrics_aggr_fn=aggregate_metrics, evaluate_metrics_aggr_fn=aggregate_metrics,
     )
     if config.strategy == "fedadam":
         # Client updates are already DP; the server's Adam is post-processing.
-        return FedAdam(eta=config.server_lr, eta_l=config.lr, **common)
-    return FedAvg(**common)
+        strategy: Strategy = FedAdam(eta=config.server_lr, eta_l=config.lr, **common)
+    else:
+        strategy = FedAvg(**common)
+    if config.user_level:
+        strategy = DifferentialPrivacyServerSideFixedClipping(
+            strategy, noise_multiplier=config.user_noise_multiplier,
+            clipping_norm=config.user_clip_norm, num_sampled_clients=train_k)
+    return strategy
+
+
+def user_level_release(config: RunConfig, *, received: int, sampled: int,
+                       available: int) -> tuple[float, float, int]:
+    """The (noise multiplier, sampling rate, steps) of one user-level release.
+
+    Flower scales the noise to ``sampled`` sites; when only ``received`` of them sent an
+    update, one site's influence on the mean is ``clip/received``, so the effective noise
+    multiplier shrinks to ``sigma * received / sampled``. The sampling rate is the share of
+    sites sampled (Flower samples a fixed number without replacement; the Poisson analysis
+    used here is the usual approximation for DP-FedAvg).
+    """
+    return (config.user_noise_multiplier * received / sampled, sampled / available, 1)
 
 
 def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:

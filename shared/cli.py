@@ -11,9 +11,10 @@ import argparse
 import json
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from shared.config import RunConfig, key_of, load_toml
-from shared.errors import FedrnnError
+from shared.errors import ConfigError, FedrnnError
 from shared.logs import console_logging
 
 EPILOG_SIMULATE = """examples:
@@ -60,12 +61,84 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     summary = json.loads((out / "summary.json").read_text())
     final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items()
                       if isinstance(v, (int, float)))
-    eps = summary["privacy"]["epsilon_max"]
-    spent = "no DP" if eps == "inf" else f"epsilon {eps:.3f} (max over sites) at delta " \
-                                         f"{summary['privacy']['delta']:g}"
-    print(f"final: {final}\nprivacy: {spent}\nrun directory: {out} (metrics.jsonl, "
-          f"summary.json, model.pt, metrics.png)")
+    privacy = summary["privacy"]
+    lines = [f"final: {final}"]
+    if privacy["level"] == "none":
+        lines.append("privacy: none (--no-dp)")
+    if privacy["level"] in ("record", "both") and privacy["epsilon_max"] is None:
+        lines.append("privacy: no site trained in this run, so none spent any budget")
+    elif privacy["level"] in ("record", "both"):
+        lines.append(f"privacy: record-level epsilon {privacy['epsilon_max']:.3f} (max over "
+                     f"sites, all runs on their ledgers) at delta {privacy['delta']:g}; "
+                     f"budget {privacy['budget_epsilon']:g}")
+    if privacy["user_level"]:
+        lines.append(f"privacy: user-level epsilon {privacy['user_level']['epsilon']:.3f} at "
+                     f"delta {privacy['user_level']['delta']:g}")
+    if privacy.get("sites_out_of_budget"):
+        lines.append(f"budgets: {privacy['sites_out_of_budget']} site(s) ran out of privacy "
+                     f"budget and declined to train; see `fedrnn audit {out}`")
+    lines.append(f"run directory: {out} (metrics.jsonl, summary.json, model.pt, metrics.png)")
+    print("\n".join(lines))
     return 0
+
+
+def _cmd_budget(args: argparse.Namespace) -> int:
+    from shared.privacy import calibrate_noise, epsilon
+
+    if not 0 < args.sample_rate <= 1:
+        raise ConfigError("--sample-rate must be in (0, 1]")
+    if args.steps < 1:
+        raise ConfigError("--steps must be at least 1")
+    if not 0 < args.delta < 1:
+        raise ConfigError("--delta must be in (0, 1)")
+    if (args.noise_multiplier is None) == (args.target_epsilon is None):
+        raise ConfigError("give exactly one of --noise-multiplier (to get epsilon) or "
+                          "--target-epsilon (to get the noise multiplier)")
+    if args.noise_multiplier is not None and args.noise_multiplier <= 0:
+        raise ConfigError("--noise-multiplier must be positive")
+    if args.target_epsilon is not None and args.target_epsilon <= 0:
+        raise ConfigError("--target-epsilon must be positive")
+    sigma = args.noise_multiplier
+    if sigma is None:
+        sigma = calibrate_noise(target_epsilon=args.target_epsilon, delta=args.delta,
+                                sample_rate=args.sample_rate, steps=args.steps,
+                                accountant=args.accountant)
+    eps = epsilon([(sigma, args.sample_rate, args.steps)], delta=args.delta,
+                  accountant=args.accountant)
+    if args.json:
+        print(json.dumps({"epsilon": eps, "noise_multiplier": sigma,
+                          "accountant": args.accountant, "delta": args.delta}))
+    else:
+        print(f"epsilon {eps:.4f} at delta {args.delta:g} ({args.accountant}) for noise "
+              f"multiplier {sigma:.4f}, sample rate {args.sample_rate:g}, {args.steps} steps")
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from client.audit import audit, table
+    from client.audit_report import plot, render_html
+
+    result = audit(args.path)
+    if args.plot:
+        _write_atomic(Path(args.plot), plot(result))
+    if args.html:
+        _write_atomic(Path(args.html), render_html(result).encode())
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(table(result))
+        for name, value in (("plot", args.plot), ("report", args.html)):
+            if value:
+                print(f"{name}: {value}")
+    return 0
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    if not path.parent.is_dir():
+        raise ConfigError(f"{path.parent}: directory does not exist")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +154,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(sim)
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_cmd_simulate)
+
+    budget = sub.add_parser(
+        "budget", help="plan a DP-SGD run: epsilon for a noise level, or the reverse",
+        description="Epsilon of `steps` DP-SGD steps at Poisson rate `sample-rate` with "
+        "`noise-multiplier`; or, with --target-epsilon, the smallest noise multiplier that "
+        "stays within it.",
+        epilog="examples:\n  fedrnn budget --sample-rate 0.01 --noise-multiplier 1.1 "
+        "--steps 1000 --delta 1e-5\n  fedrnn budget --sample-rate 0.05 --target-epsilon 3 "
+        "--steps 300 --delta 1e-5 --json", formatter_class=argparse.RawDescriptionHelpFormatter)
+    budget.add_argument("--sample-rate", type=float, required=True, metavar="Q",
+                        help="Poisson sampling rate per step (batch size / records)")
+    budget.add_argument("--noise-multiplier", type=float, metavar="S",
+                        help="noise std / clip norm")
+    budget.add_argument("--target-epsilon", type=float, metavar="E",
+                        help="solve for the noise multiplier reaching this epsilon")
+    budget.add_argument("--steps", type=int, required=True, metavar="T",
+                        help="number of DP-SGD steps")
+    budget.add_argument("--delta", type=float, required=True, metavar="D")
+    budget.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
+    budget.add_argument("--json", action="store_true", help="print one JSON object")
+    budget.set_defaults(func=_cmd_budget)
+
+    aud = sub.add_parser(
+        "audit", help="how much privacy every site has spent, from its ledger",
+        description="Recompute every site's record-level epsilon from its ledger (RDP and "
+        "PRV side by side) and report the run's user-level epsilon where it applies.")
+    aud.add_argument("path", help="a run directory, a ledger file, or a directory of ledgers")
+    aud.add_argument("--json", action="store_true", help="print the audit as JSON")
+    aud.add_argument("--plot", metavar="FILE.png", help="epsilon against round per site")
+    aud.add_argument("--html", metavar="FILE", help="a self-contained report to file")
+    aud.set_defaults(func=_cmd_audit)
     return parser
 
 

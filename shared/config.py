@@ -26,6 +26,7 @@ TOKENIZERS = ("char", "word")
 PARTITIONERS = ("auto", "natural", "iid", "dirichlet")
 STRATEGIES = ("fedavg", "fedadam")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
+DP_LEVELS = ("record", "user", "both")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -76,9 +77,20 @@ class RunConfig:
     noise_multiplier: float = _opt(0.0, "explicit noise multiplier (0 = calibrate to --epsilon)")
     clip_norm: float = _opt(1.0, "per-sample gradient clipping norm")
     accountant: str = _opt("rdp", "privacy accountant", ACCOUNTANTS)
+    dp_level: str = _opt("record", "record: DP-SGD at each site; user: the server clips and "
+                         "noises whole site updates (DP-FedAvg); both", DP_LEVELS)
+    user_noise_multiplier: float = _opt(1.0, "user-level noise multiplier (std of the noise on "
+                                        "the mean update = this x user-clip-norm / sampled)")
+    user_clip_norm: float = _opt(1.0, "user-level clipping norm of a site's whole update")
+    budget_epsilon: float = _opt(0.0, "each site's total epsilon budget across runs "
+                                 "(0 = the epsilon target)")
+    budget_delta: float = _opt(0.0, "each site's delta budget (0 = delta)")
+    ledger_dir: str = _opt("", "directory of the sites' privacy ledgers, one SQLite file per "
+                           "site (default <out>/ledgers); reuse it to carry budgets across runs")
     # --- run --------------------------------------------------------------------------------
     seed: int = _opt(0, "random seed (data split, model init, sampling, noise)")
     out: str = _opt("", "run directory (default runs/<time>)")
+    run_id: str = _opt("", "name of the run in the ledgers (default: from the run directory)")
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -102,6 +114,11 @@ class RunConfig:
                 problems.append("clip-norm must be positive")
             if self.noise_multiplier < 0:
                 problems.append("noise-multiplier must be 0 (calibrate) or positive")
+        if self.budget_epsilon < 0 or not (0 <= self.budget_delta < 1):
+            problems.append("budget-epsilon must be >= 0 and budget-delta in [0, 1)")
+        if self.dp_level in ("user", "both") and (self.user_noise_multiplier <= 0
+                                                  or self.user_clip_norm <= 0):
+            problems.append("user-noise-multiplier and user-clip-norm must be positive")
         if not (0 < self.eval_fraction < 1):
             problems.append("eval-fraction must be in (0, 1)")
         if not (0 <= self.dropout < 1):
@@ -121,9 +138,24 @@ class RunConfig:
         return [s for s in self.features.split(",") if s] if self.features else []
 
     @property
+    def record_level(self) -> bool:
+        """Whether sites run DP-SGD (record-level DP)."""
+        return self.dp and self.dp_level in ("record", "both")
+
+    @property
+    def user_level(self) -> bool:
+        """Whether the server clips and noises whole site updates (user-level DP)."""
+        return self.dp and self.dp_level in ("user", "both")
+
+    @property
+    def site_budget(self) -> tuple[float, float]:
+        """(epsilon, delta) a site may spend in total, across runs."""
+        return (self.budget_epsilon or self.epsilon, self.budget_delta or self.delta)
+
+    @property
     def calibrate_noise(self) -> bool:
         """Whether the noise multiplier is solved from the epsilon target."""
-        return self.dp and self.noise_multiplier == 0 and math.isfinite(self.epsilon)
+        return self.record_level and self.noise_multiplier == 0 and math.isfinite(self.epsilon)
 
     # --- conversions --------------------------------------------------------------------------
     def to_flat(self) -> dict[str, Any]:

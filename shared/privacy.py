@@ -8,9 +8,12 @@ wrap Opacus's accountants (``rdp``, ``prv``, ``gdp``) and never re-derive them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import warnings
 
+import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -23,6 +26,18 @@ RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128,
 
 def _options(accountant: str) -> dict:
     return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
+
+
+@contextlib.contextmanager
+def _quiet(accountant: str):
+    """Opacus's PRV accountant bounds its domain with an internal RDP pass at extreme noise
+    levels, which warns (log of 0, largest order) without affecting the PRV result."""
+    if accountant != "prv":
+        yield
+        return
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def sample_rate(n_records: int, batch_size: int) -> float:
@@ -40,7 +55,8 @@ def epsilon(history: History, *, delta: float, accountant: str = "rdp") -> float
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta=delta, **_options(accountant)))
+    with _quiet(accountant):
+        return float(acc.get_epsilon(delta=delta, **_options(accountant)))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -48,7 +64,8 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
                     accountant: str = "rdp") -> float:
     """Smallest noise multiplier whose ``steps`` releases at ``sample_rate`` stay within
     ``(target_epsilon, delta)`` (Opacus's search, tolerance 0.01 in epsilon)."""
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps,
-                                      accountant=accountant, epsilon_tolerance=0.01,
-                                      **_options(accountant)))
+    with _quiet(accountant):
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant=accountant, epsilon_tolerance=0.01,
+                                          **_options(accountant)))

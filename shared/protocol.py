@@ -12,7 +12,11 @@ ROUND = "server-round"  # injected by Flower's strategies into CONFIG
 
 # Train replies
 NUM_EXAMPLES = "num-examples"  # training records (FedAvg weight); eval: units averaged over
+UNIT_WEIGHT = "unit-weight"  # always 1: the equal weights user-level DP-FedAvg needs
 TRAIN_LOSS = "train-loss"
 EPSILON = "epsilon"  # the site's cumulative record-level epsilon after this round
 NOISE_MULTIPLIER = "noise-multiplier"
 STEPS = "steps"
+
+# Error codes of replies that carry no update
+DECLINED_BUDGET = 4030  # the site's privacy budget does not allow this round

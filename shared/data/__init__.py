@@ -9,6 +9,7 @@ Public surface:
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,26 @@ class ClientData:
     name: str
     train: SequenceTensors
     eval: SequenceTensors
+    fingerprint: str  # of the site's records (not of their encoding): its ledger key
+
+
+def fingerprint(corpus: Corpus, indices: np.ndarray) -> str:
+    """SHA-256 of a site's records as read (content, times, labels), in record order.
+
+    Settings that change only the encoding (max-len, tokenizer) keep the fingerprint, so
+    they cannot be used to start a fresh budget on the same records.
+    """
+    digest = hashlib.sha256(corpus.kind.encode())
+    for i in np.sort(indices):
+        if corpus.kind == "text":
+            digest.update(corpus.texts[i].encode("utf-8"))
+        else:
+            digest.update(np.ascontiguousarray(corpus.values[i], dtype=np.float64).tobytes())
+            digest.update(np.ascontiguousarray(corpus.times[i], dtype=np.float64).tobytes())
+        if corpus.labels is not None:
+            digest.update(str(corpus.labels[i]).encode("utf-8"))
+        digest.update(b"\x1e")
+    return digest.hexdigest()[:32]
 
 
 def client_data(config: RunConfig, partition_id: int) -> ClientData:
@@ -128,7 +149,8 @@ def _client_data_cached(config: RunConfig, partition_id: int) -> ClientData:
     train_idx, eval_idx = train_eval_split(parts[partition_id], eval_fraction=config.eval_fraction,
                                            seed=config.seed * 100_003 + partition_id)
     train, evaluation = encode_split(corpus, config, train_idx, eval_idx)
-    return ClientData(name=names[partition_id], train=train, eval=evaluation)
+    return ClientData(name=names[partition_id], train=train, eval=evaluation,
+                      fingerprint=fingerprint(corpus, parts[partition_id]))
 
 
 def encode_split(corpus: Corpus, config: RunConfig, train_idx: np.ndarray,

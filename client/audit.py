@@ -1,0 +1,162 @@
+"""``fedrnn audit``: what every site has spent, recomputed from its ledger.
+
+Input: a run directory (its ledgers and its user-level record), one ledger file, or a
+directory of ledger files. For each site (each data fingerprint in a ledger) the spend
+is recomputed from the stored history by two accountants: RDP (an upper bound) and PRV
+(an estimate within ``PRV_EPS_ERROR``). Were PRV's estimate, less its error, above the
+RDP bound, one of them would be wrong: such rows are flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from client.ledger import Ledger
+from shared.errors import FedrnnError
+from shared.privacy import History, epsilon
+
+PRV_EPS_ERROR = 0.01  # Opacus's default accuracy of the PRV accountant
+
+
+@dataclass
+class SiteSpend:
+    client: str
+    ledger: str
+    fingerprint: str
+    accountant: str
+    delta: float
+    budget_epsilon: float | None
+    history: History
+    clip_norms: list[float]
+    runs: list[str]
+    epsilon: float = 0.0  # by ``accountant``
+    epsilon_rdp: float = 0.0
+    epsilon_prv: float = 0.0
+    curve: list[float] = field(default_factory=list)  # epsilon after each release
+
+    @property
+    def disagree(self) -> bool:
+        return self.epsilon_prv - PRV_EPS_ERROR > self.epsilon_rdp * (1 + 1e-9)
+
+    @property
+    def share_used(self) -> float | None:
+        return self.epsilon / self.budget_epsilon if self.budget_epsilon else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "client": self.client, "epsilon": self.epsilon, "delta": self.delta,
+            "budget_epsilon": self.budget_epsilon, "accountant": self.accountant,
+            "rounds": len(self.history),
+            "history": [{"noise_multiplier": s, "sample_rate": q, "steps": n}
+                        for s, q, n in self.history],
+            "epsilon_rdp": self.epsilon_rdp, "epsilon_prv": self.epsilon_prv,
+            "accountants_disagree": self.disagree, "clip_norms": self.clip_norms,
+            "runs": self.runs, "ledger": self.ledger, "fingerprint": self.fingerprint,
+        }
+
+
+@dataclass
+class Audit:
+    source: Path
+    sites: list[SiteSpend]
+    user_level: dict[str, Any] | None
+    run_config: str | None  # config.toml text of a run directory
+
+    def to_json(self) -> dict[str, Any]:
+        return {"clients": [s.to_json() for s in self.sites], "user_level": self.user_level}
+
+
+def audit(path: str | Path) -> Audit:
+    """Read ``path`` (run dir, ledger file or ledger dir) and recompute every site's spend."""
+    path = Path(path)
+    if not path.exists():
+        raise FedrnnError(f"{path}: not found (give a run directory, a ledger file or a "
+                          "directory of ledgers)")
+    user_level, run_config = None, None
+    if path.is_file():
+        ledgers = [path]
+    elif (path / "summary.json").exists() or (path / "config.toml").exists():
+        run_config = (path / "config.toml").read_text() if (path / "config.toml").exists() \
+            else None
+        summary = json.loads((path / "summary.json").read_text()) \
+            if (path / "summary.json").exists() else {}
+        privacy = summary.get("privacy", {})
+        user_level = privacy.get("user_level")
+        ledger_dir = privacy.get("ledger_dir") or _ledger_dir_from_config(path)
+        ledgers = sorted(Path(ledger_dir).glob("*.sqlite")) if ledger_dir else []
+    else:
+        ledgers = sorted(path.glob("*.sqlite"))
+    if not ledgers and user_level is None:
+        raise FedrnnError(f"{path}: no ledgers found (*.sqlite) and no user-level record")
+    sites = [site for ledger in ledgers for site in _read_ledger(ledger)]
+    return Audit(source=path, sites=sites, user_level=user_level, run_config=run_config)
+
+
+def _ledger_dir_from_config(run_dir: Path) -> str | None:
+    config_path = run_dir / "config.toml"
+    if not config_path.exists():
+        return None
+    with config_path.open("rb") as fh:
+        config = tomllib.load(fh)
+    return config.get("ledger-dir") or str(run_dir / "ledgers")
+
+
+def _read_ledger(path: Path) -> list[SiteSpend]:
+    with Ledger(path) as ledger:
+        if not ledger.check_integrity():
+            raise FedrnnError(f"{path}: the ledger fails SQLite's integrity check")
+        fingerprints = ledger.fingerprints()
+        sites = []
+        for fp in fingerprints:
+            charges = ledger.charges(fp)
+            budget = ledger.budget(fp)
+            name = charges[0].site if charges else path.stem
+            if len(fingerprints) > 1:
+                name = f"{name} ({fp[:8]})"
+            accountant = budget.accountant if budget else "rdp"
+            delta = budget.delta if budget else (charges[-1].delta if charges else 1e-5)
+            history = [(c.noise_multiplier, c.sample_rate, c.steps) for c in charges]
+            site = SiteSpend(
+                client=name, ledger=str(path), fingerprint=fp, accountant=accountant,
+                delta=delta, budget_epsilon=budget.epsilon if budget else None,
+                history=history, clip_norms=sorted({c.clip_norm for c in charges}),
+                runs=list(dict.fromkeys(c.run_id for c in charges)))
+            site.epsilon = epsilon(history, delta=delta, accountant=accountant)
+            site.epsilon_rdp = epsilon(history, delta=delta, accountant="rdp")
+            site.epsilon_prv = epsilon(history, delta=delta, accountant="prv")
+            site.curve = [epsilon(history[: i + 1], delta=delta, accountant=accountant)
+                          for i in range(len(history))]
+            sites.append(site)
+    return sites
+
+
+def table(result: Audit) -> str:
+    """The audit as a fixed-width text table."""
+    header = ("site", "epsilon", "rdp", "prv", "delta", "budget", "used", "rounds",
+              "noise mult.", "sample rate", "clip", "")
+    rows = [header]
+    for s in result.sites:
+        noises = sorted({round(h[0], 4) for h in s.history})
+        rates = sorted({round(h[1], 4) for h in s.history})
+        rows.append((
+            s.client, f"{s.epsilon:.3f}", f"{s.epsilon_rdp:.3f}", f"{s.epsilon_prv:.3f}",
+            f"{s.delta:g}", "-" if s.budget_epsilon is None else f"{s.budget_epsilon:g}",
+            "-" if s.share_used is None else f"{100 * s.share_used:.0f}%",
+            str(len(s.history)), ", ".join(f"{n:g}" for n in noises) or "-",
+            ", ".join(f"{r:g}" for r in rates) or "-",
+            ", ".join(f"{c:g}" for c in s.clip_norms) or "-",
+            "ACCOUNTANTS DISAGREE" if s.disagree else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
+    if result.user_level:
+        u = result.user_level
+        lines.append(f"\nuser-level (whole-site) DP: epsilon {u['epsilon']:.3f} at delta "
+                     f"{u['delta']:g} over {len(u['history'])} releases (noise multiplier "
+                     f"{u['noise_multiplier']:g}, clip {u['clip_norm']:g}, {u['accountant']})")
+    return "\n".join(lines)
