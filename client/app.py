@@ -68,6 +68,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     config, _ = _run_config(msg)
     data = _site_data(config, context)
     metrics = evaluate_local(_global_model(config, msg), data.eval, config)
+    metrics[P.UNIT_WEIGHT] = 1
     return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -42,7 +42,10 @@ def build_strategy(config: RunConfig, *, available: int) -> Strategy:
         min_available_nodes=max(train_k, eval_k),
         weighted_by_key=P.UNIT_WEIGHT if config.user_level else P.NUM_EXAMPLES,
         arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG,
-        train_metrics_aggr_fn=aggregate_metrics, evaluate_metrics_aggr_fn=aggregate_metrics,
+        train_metrics_aggr_fn=aggregate_metrics,
+        # Evaluation metrics are always weighted by what each site averaged over.
+        evaluate_metrics_aggr_fn=lambda records, _key: aggregate_metrics(records,
+                                                                         P.NUM_EXAMPLES),
     )
     if config.strategy == "fedadam":
         # Client updates are already DP; the server's Adam is post-processing.
@@ -74,13 +77,13 @@ def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecor
 
     - ``epsilon`` becomes ``epsilon-max``, the largest cumulative spend among the clients;
     - NaN values (a metric undefined at a client) are left out of the mean;
-    - ``num-examples`` is summed; ``clients`` counts the replies.
+    - ``num-examples`` is summed; ``clients`` counts the replies; ``unit-weight`` dropped.
     """
     rows = [next(iter(r.metric_records.values())) for r in records]
     out: dict[str, float] = {CLIENTS: len(rows), weight_key: sum(float(r[weight_key])
                                                                  for r in rows)}
     for key in rows[0]:
-        if key == weight_key:
+        if key in (weight_key, P.UNIT_WEIGHT):
             continue
         values = [float(r[key]) for r in rows]
         if key == P.EPSILON:

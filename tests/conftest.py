@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dp_accounting
 import pytest
 import torch
 
@@ -32,3 +33,17 @@ def series_csv(tmp_path: Path) -> Path:
                          f"{'sick' if seq % 3 == 0 else 'well'}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def independent_rdp_epsilon(history, delta: float) -> float:
+    """Epsilon of a DP-SGD history by Google's dp-accounting: an independent implementation."""
+    acc = dp_accounting.rdp.RdpAccountant()
+    for sigma, q, steps in history:
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+                    steps)
+    return acc.get_epsilon(delta)
+
+
+@pytest.fixture
+def rdp_reference():
+    return independent_rdp_epsilon

@@ -71,3 +71,53 @@ def test_bad_flag_is_a_usage_error(capsys):
         main(["simulate", "--model", "transformer"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _ledger_rows(ledger_dir):
+    from client.ledger import Ledger
+
+    rows = {}
+    for path in sorted(ledger_dir.glob("*.sqlite")):
+        with Ledger(path) as ledger:
+            rows[path.stem] = ledger.charges()
+    return rows
+
+
+def test_budget_carries_across_runs_on_the_same_ledgers(tmp_path, capsys):
+    ledgers = tmp_path / "ledgers"
+    common = ["simulate", "--dataset", "synthetic", "--clients", "2", "--rounds", "2",
+              "--hidden-size", "8", "--epsilon", "3", "--ledger-dir", str(ledgers)]
+    assert main([*common, "--out", str(tmp_path / "first")]) == 0
+    first = _ledger_rows(ledgers)
+    assert sorted(first) == ["site-0", "site-1"]
+    assert all(len(charges) == 2 for charges in first.values())  # one charge per round
+    capsys.readouterr()
+
+    assert main([*common, "--out", str(tmp_path / "second")]) == 0
+    captured = capsys.readouterr()
+    assert _ledger_rows(ledgers) == first  # nothing more was charged or trained
+    assert "ran out of privacy budget" in captured.out
+    assert "declined round 1" in captured.err
+    rows = _rows(tmp_path / "second")
+    assert rows[0]["clients"] == 0 and rows[0]["declined"] == 2
+    assert len(rows) == 1  # the run stopped once every site was out of budget
+
+    assert main(["audit", str(tmp_path / "second"), "--json"]) == 0
+    audit = json.loads(capsys.readouterr().out)
+    assert [c["rounds"] for c in audit["clients"]] == [2, 2]
+    assert all(2.9 < c["epsilon"] <= 3.0 for c in audit["clients"])
+
+
+def test_user_level_dp_is_accounted_separately(tmp_path, rdp_reference):
+    out = tmp_path / "both"
+    assert main(["simulate", "--dataset", "synthetic", "--clients", "4",
+                 "--clients-per-round", "2", "--rounds", "2", "--hidden-size", "8",
+                 "--dp-level", "both", "--user-noise-multiplier", "1.5",
+                 "--user-clip-norm", "0.5", "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert 0 < rows[0]["user_epsilon"] < rows[1]["user_epsilon"]
+    user = json.loads((out / "summary.json").read_text())["privacy"]["user_level"]
+    history = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in user["history"]]
+    assert history == [(1.5, 0.5, 1), (1.5, 0.5, 1)]  # 2 of 4 sites sampled per round
+    assert user["epsilon"] == pytest.approx(rdp_reference(history, 1e-5), rel=0.01)
+    assert user["epsilon"] == rows[-1]["user_epsilon"]
