@@ -133,6 +133,18 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_dp_step(args: argparse.Namespace) -> int:
+    from simulations.bench import StepSpec, main_dp_step
+
+    for name in ("batch", "seq_len", "hidden", "layers", "embedding", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    spec = StepSpec(model=args.model, batch=args.batch, seq_len=args.seq_len,
+                    hidden=args.hidden, layers=args.layers, embedding=args.embedding)
+    main_dp_step(spec, as_json=args.json, repeats=args.repeats)
+    return 0
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     if not path.parent.is_dir():
         raise ConfigError(f"{path.parent}: directory does not exist")
@@ -185,6 +197,25 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--plot", metavar="FILE.png", help="epsilon against round per site")
     aud.add_argument("--html", metavar="FILE", help="a self-contained report to file")
     aud.set_defaults(func=_cmd_audit)
+
+    bench = sub.add_parser("bench", help="measure speed (benchmarks, never timed tests)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    dp_step = bench_sub.add_parser(
+        "dp-step", help="one DP-SGD step: torch (non-private) vs Opacus's DP layer vs fedrnn's",
+        description="Time one full DP-SGD step (forward, backward, per-sample clipping, noise, "
+        "optimizer step) of a character model, interleaving the three implementations in one "
+        "process; median after warm-up; peak memory of each in its own child process.")
+    dp_step.add_argument("--model", choices=("lstm", "gru", "rnn"), default="lstm")
+    dp_step.add_argument("--batch", type=int, default=64)
+    dp_step.add_argument("--seq-len", type=int, default=80)
+    dp_step.add_argument("--hidden", type=int, default=256)
+    dp_step.add_argument("--layers", type=int, default=2)
+    dp_step.add_argument("--embedding", type=int, default=8)
+    dp_step.add_argument("--repeats", type=int, default=5, help="timed steps per "
+                         "implementation after warm-up (median reported)")
+    dp_step.add_argument("--json", action="store_true",
+                         help="one JSON line per implementation")
+    dp_step.set_defaults(func=_cmd_bench_dp_step)
     return parser
 
 

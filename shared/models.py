@@ -1,9 +1,8 @@
 """Recurrent sequence models: an input layer, a stacked RNN/LSTM/GRU, and a task head.
 
-The recurrent layers are Opacus's DP-ready ``DPRNN``/``DPGRU``/``DPLSTM``: numerically the
-torch layers, built from ``RNNLinear`` modules Opacus computes per-sample gradients for.
-Their ``state_dict`` also carries torch's names (``weight_ih_l0`` ...), so saved weights
-load into ``torch.nn`` layers for inference.
+The recurrent layers are ``shared.nn``'s: numerically torch's layers, with torch's
+parameter names (saved weights load into ``torch.nn.GRU`` etc.), and per-sample gradients
+Opacus computes at about the cost of ordinary training.
 """
 
 from __future__ import annotations
@@ -12,9 +11,9 @@ import tomllib
 from pathlib import Path
 
 import torch
-from opacus.layers import DPGRU, DPLSTM, DPRNN
 from torch import nn
 
+from shared import nn as dpnn
 from shared.config import RunConfig
 from shared.data.tokenizers import make_tokenizer
 
@@ -36,7 +35,7 @@ class SequenceModel(nn.Module):
         self.embed = nn.Embedding(vocab_size, embedding_dim) if vocab_size else None
         input_size = embedding_dim if vocab_size else n_channels
         extra = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
-        rnn_class = {"rnn": DPRNN, "gru": DPGRU, "lstm": DPLSTM}[cell]
+        rnn_class = {"rnn": dpnn.RNN, "gru": dpnn.GRU, "lstm": dpnn.LSTM}[cell]
         self.rnn = rnn_class(input_size, hidden_size, num_layers=num_layers, batch_first=True,
                              dropout=dropout if num_layers > 1 else 0.0, **extra)
         self.head = nn.Linear(hidden_size, n_outputs)

@@ -14,15 +14,12 @@ from shared.models import build_model
 from shared.privacy import calibrate_noise, epsilon, sample_rate, steps_per_round
 
 
-@pytest.mark.parametrize("task", ["classify", "lm"])
-def test_per_sample_gradients_are_exact_and_clipped(task):
+@pytest.mark.parametrize("task,cell", [("classify", "gru"), ("lm", "lstm"),
+                                       ("forecast", "rnn")])
+def test_per_sample_gradients_are_exact_and_clipped(task, cell):
     """Opacus's clipped gradient sum equals a per-example loop, each example clipped."""
-    if task == "lm":
-        config = resolve(RunConfig(dataset="synthetic", task="lm", clients=2, hidden_size=8,
-                                   embedding_dim=4, num_layers=2))
-    else:
-        config = resolve(RunConfig(dataset="synthetic", task="classify", clients=2,
-                                   hidden_size=8, num_layers=2))
+    config = resolve(RunConfig(dataset="synthetic", task=task, model=cell, clients=2,
+                               hidden_size=8, embedding_dim=4, num_layers=2))
     clip = 0.05
     data = client_data(config, 0).train
     batch = tuple(t[:8] for t in (data.inputs, data.lengths, data.labels))

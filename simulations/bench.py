@@ -1,0 +1,169 @@
+"""``fedrnn bench dp-step``: one full DP-SGD step of a character LSTM/GRU/RNN, three ways.
+
+The workload is the LEAF Shakespeare model by default (embedding 8, 2 x 256, batch 64,
+80 characters). One step = forward, backward, per-sample clipping, noise, optimizer step.
+
+- ``torch``: torch's layer, non-private (plain SGD step): the cost to beat;
+- ``opacus``: Opacus's ``DPLSTM``/``DPGRU``/``DPRNN`` under ``PrivacyEngine``;
+- ``fedrnn``: ``shared.nn``'s layer under the same ``PrivacyEngine``.
+
+Timing: one process, implementations interleaved round-robin so that machine noise hits
+all alike, median of ``repeats`` steps after one warm-up step each. Peak memory: each
+implementation runs warm-up plus one step in a fresh child process, whose peak resident
+set (``ru_maxrss``) is reported; a shared process could not attribute its peak.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+IMPLEMENTATIONS = ("torch", "opacus", "fedrnn")
+VOCAB = 80  # LEAF Shakespeare's character set
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    model: str = "lstm"
+    batch: int = 64
+    seq_len: int = 80
+    hidden: int = 256
+    layers: int = 2
+    embedding: int = 8
+
+
+class CharModel(nn.Module):
+    def __init__(self, rnn: nn.Module, spec: StepSpec) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, spec.embedding)
+        self.rnn = rnn
+        self.head = nn.Linear(spec.hidden, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out)  # [B, T, VOCAB]
+
+
+def _layer(impl: str, spec: StepSpec) -> nn.Module:
+    from opacus import layers as opacus_layers
+
+    from shared import nn as fedrnn_layers
+
+    name = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[spec.model]
+    module = {"torch": nn, "opacus": opacus_layers, "fedrnn": fedrnn_layers}[impl]
+    cls = getattr(module, ("DP" + name) if impl == "opacus" else name)
+    return cls(spec.embedding, spec.hidden, num_layers=spec.layers, batch_first=True)
+
+
+def make_step(impl: str, spec: StepSpec, seed: int = 0):
+    """A closure performing one full training step of ``impl`` on a fixed random batch."""
+    torch.manual_seed(seed)
+    model = CharModel(_layer(impl, spec), spec)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tokens = torch.randint(0, VOCAB, (spec.batch, spec.seq_len + 1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if impl != "torch":
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        loader = DataLoader(TensorDataset(inputs, targets), batch_size=spec.batch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, optimizer, _ = PrivacyEngine().make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
+                max_grad_norm=1.0, poisson_sampling=False)
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _peak_child(impl: str, spec: StepSpec, queue) -> None:
+    warnings.simplefilter("ignore")
+    step = make_step(impl, spec)
+    step()
+    step()
+    queue.put(_high_water_mib())
+
+
+def _high_water_mib() -> float:
+    """Peak resident memory of this process's own address space (``VmHWM``). Unlike
+    ``ru_maxrss``, which Linux carries over from the parent across exec, it starts afresh
+    in a spawned child."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB -> MiB
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024.0
+
+
+def peak_mb(impl: str, spec: StepSpec) -> float:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_child, args=(impl, spec, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return float(value)
+
+
+def bench_dp_step(spec: StepSpec, *, repeats: int = 5, progress=None) -> list[dict]:
+    """Median milliseconds per step and peak MiB of each implementation."""
+    warnings.simplefilter("ignore")
+    steps = {impl: make_step(impl, spec) for impl in IMPLEMENTATIONS}
+    for impl, step in steps.items():  # warm-up
+        step()
+        if progress:
+            progress(f"warmed up {impl}")
+    times: dict[str, list[float]] = {impl: [] for impl in IMPLEMENTATIONS}
+    for r in range(repeats):
+        for impl, step in steps.items():
+            started = time.perf_counter()
+            step()
+            times[impl].append(time.perf_counter() - started)
+        if progress:
+            progress(f"repeat {r + 1}/{repeats}: " + ", ".join(
+                f"{impl} {1000 * t[-1]:.0f} ms" for impl, t in times.items()))
+    del steps
+    return [{"impl": impl, "model": spec.model,
+             "ms_per_step": 1000 * statistics.median(times[impl]),
+             "peak_mb": peak_mb(impl, spec)} for impl in IMPLEMENTATIONS]
+
+
+def format_table(rows: list[dict], spec: StepSpec) -> str:
+    base = next(r["ms_per_step"] for r in rows if r["impl"] == "torch")
+    opacus = next(r["ms_per_step"] for r in rows if r["impl"] == "opacus")
+    lines = [f"DP-SGD step, {spec.model}: batch {spec.batch}, {spec.seq_len} steps, "
+             f"{spec.layers} x {spec.hidden}, embedding {spec.embedding}, "
+             f"{torch.get_num_threads()} threads",
+             f"{'impl':<8}{'ms/step':>10}{'x torch':>10}{'opacus/x':>10}{'peak MiB':>10}"]
+    for r in rows:
+        lines.append(f"{r['impl']:<8}{r['ms_per_step']:>10.1f}{r['ms_per_step'] / base:>10.2f}"
+                     f"{opacus / r['ms_per_step']:>10.1f}{r['peak_mb']:>10.0f}")
+    return "\n".join(lines)
+
+
+def main_dp_step(spec: StepSpec, *, as_json: bool, repeats: int) -> None:
+    import sys
+
+    rows = bench_dp_step(spec, repeats=repeats,
+                         progress=lambda m: print(f"fedrnn: bench: {m}", file=sys.stderr))
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(format_table(rows, spec))
