@@ -44,7 +44,7 @@ def train(msg: Message, context: Context) -> Message:
                                      planned=planned, config=config)
             except BudgetExhausted as exc:
                 return Message(Error(P.DECLINED_BUDGET, str(exc)), reply_to=msg)
-    # Only now, with the release committed to the ledger, is the site's data touched.
+    # Only now, with the release committed to the ledger, does training on the records start.
     result = train_local(model, data.train, config, noise_multiplier=sigma,
                          seed=_seed(config, context, server_round))
     if sigma is not None and result.history != [planned]:
