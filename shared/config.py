@@ -96,6 +96,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         problems = []
         for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and math.isnan(value):
+                problems.append(f"{key_of(f.name)} is NaN")
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 problems.append(f"{key_of(f.name)} must be one of {', '.join(choices)}, "

@@ -25,6 +25,8 @@ def test_unknown_key_and_bad_values_are_config_errors():
         RunConfig.from_flat({"rounds": "many"})
     with pytest.raises(ConfigError, match="delta"):
         RunConfig(delta=2.0)
+    with pytest.raises(ConfigError, match="lr is NaN"):
+        RunConfig.from_flat({"lr": "nan"})
 
 
 def test_flags_override_file_which_overrides_defaults(tmp_path):
