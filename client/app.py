@@ -109,8 +109,7 @@ def ledger_path(config: RunConfig, context: Context, site: str) -> Path:
     it in ``ledger-dir`` (default ``<out>/ledgers``), one file per site."""
     if "ledger" in context.node_config:
         return Path(str(context.node_config["ledger"])).expanduser()
-    root = Path(config.ledger_dir) if config.ledger_dir else Path(config.out) / "ledgers"
-    return root / f"{site}.sqlite"
+    return config.ledger_root / f"{site}.sqlite"
 
 
 def _seed(config: RunConfig, context: Context, server_round: int) -> int:

@@ -10,7 +10,6 @@ RDP bound, one of them would be wrong: such rows are flagged.
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,23 +85,15 @@ def audit(path: str | Path) -> Audit:
             if (path / "summary.json").exists() else {}
         privacy = summary.get("privacy", {})
         user_level = privacy.get("user_level")
-        ledger_dir = privacy.get("ledger_dir") or _ledger_dir_from_config(path)
-        ledgers = sorted(Path(ledger_dir).glob("*.sqlite")) if ledger_dir else []
+        # the run's own record of where its ledgers are; else the default beside it
+        ledger_dir = Path(privacy.get("ledger_dir") or path / "ledgers")
+        ledgers = sorted(ledger_dir.glob("*.sqlite"))
     else:
         ledgers = sorted(path.glob("*.sqlite"))
     if not ledgers and user_level is None:
         raise FedrnnError(f"{path}: no ledgers found (*.sqlite) and no user-level record")
     sites = [site for ledger in ledgers for site in _read_ledger(ledger)]
     return Audit(source=path, sites=sites, user_level=user_level, run_config=run_config)
-
-
-def _ledger_dir_from_config(run_dir: Path) -> str | None:
-    config_path = run_dir / "config.toml"
-    if not config_path.exists():
-        return None
-    with config_path.open("rb") as fh:
-        config = tomllib.load(fh)
-    return config.get("ledger-dir") or str(run_dir / "ledgers")
 
 
 def _read_ledger(path: Path) -> list[SiteSpend]:

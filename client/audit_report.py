@@ -6,7 +6,6 @@ import base64
 import html
 import io
 from datetime import UTC, datetime
-from pathlib import Path
 
 from client.audit import Audit, table
 
@@ -27,7 +26,7 @@ recomputed from the stored (noise multiplier, sample rate, steps) history.</li>
 """
 
 
-def plot(result: Audit, path: str | Path | None = None) -> bytes:
+def plot(result: Audit) -> bytes:
     """Epsilon against release (round), one line per site, budgets dashed. PNG bytes."""
     import matplotlib
 
@@ -51,10 +50,7 @@ def plot(result: Audit, path: str | Path | None = None) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    data = buffer.getvalue()
-    if path is not None:
-        Path(path).write_bytes(data)
-    return data
+    return buffer.getvalue()
 
 
 def render_html(result: Audit) -> str:

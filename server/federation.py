@@ -109,8 +109,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         "budget_epsilon": config.site_budget[0] if config.record_level else None,
         "budget_delta": config.site_budget[1] if config.record_level else None,
         "sites_out_of_budget": len(exhausted),
-        "ledger_dir": str(Path(config.ledger_dir) if config.ledger_dir
-                          else Path(config.out) / "ledgers") if config.record_level else None,
+        # absolute, so that an audit run from another directory finds the ledgers
+        "ledger_dir": str(config.ledger_root.resolve()) if config.record_level else None,
         "user_level": _user_level_summary(config, user_history),
     })
     if exhausted:

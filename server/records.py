@@ -10,25 +10,17 @@ Files are written to a temporary name and renamed, so none is ever half-written.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from shared.config import RunConfig, dump_toml
+from shared.files import write_atomic
 from shared.tasks import METRICS
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _json_value(value: Any) -> Any:
@@ -48,7 +40,7 @@ class RunRecord:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.rows: list[dict[str, Any]] = []
-        _atomic_write(self.dir / "config.toml", dump_toml(config).encode())
+        write_atomic(self.dir / "config.toml", dump_toml(config).encode())
         (self.dir / "metrics.jsonl").write_text("")
 
     def add_round(self, row: dict[str, Any]) -> None:
@@ -58,14 +50,14 @@ class RunRecord:
             fh.write(json.dumps(row) + "\n")
 
     def finish(self, state_dict: dict[str, torch.Tensor], privacy: dict[str, Any]) -> None:
-        tmp = self.dir / ".model.pt.tmp"
-        torch.save(state_dict, tmp)
-        os.replace(tmp, self.dir / "model.pt")
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        write_atomic(self.dir / "model.pt", buffer.getvalue())
         final = {k: v for k, v in (self.rows[-1] if self.rows else {}).items()
                  if k in METRICS[self.config.task]}
         summary = {"final": final, "rounds": len(self.rows),
                    "privacy": {k: _json_value(v) for k, v in privacy.items()}}
-        _atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2).encode())
+        write_atomic(self.dir / "summary.json", json.dumps(summary, indent=2).encode())
         self.plot()
 
     def plot(self) -> Path:
@@ -90,7 +82,9 @@ class RunRecord:
                      f"{self.config.task}, {self.config.model}"
                      + (f", eps target {self.config.epsilon:g}" if self.config.dp else ", no DP"))
         fig.tight_layout()
-        path = self.dir / "metrics.png"
-        fig.savefig(path, dpi=100)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
+        path = self.dir / "metrics.png"
+        write_atomic(path, buffer.getvalue())
         return path

@@ -120,9 +120,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     result = audit(args.path)
     if args.plot:
-        _write_atomic(Path(args.plot), plot(result))
+        _write_output(Path(args.plot), plot(result))
     if args.html:
-        _write_atomic(Path(args.html), render_html(result).encode())
+        _write_output(Path(args.html), render_html(result).encode())
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -145,12 +145,12 @@ def _cmd_bench_dp_step(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_output(path: Path, data: bytes) -> None:
+    from shared.files import write_atomic
+
     if not path.parent.is_dir():
         raise ConfigError(f"{path.parent}: directory does not exist")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    write_atomic(path, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

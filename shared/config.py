@@ -156,6 +156,11 @@ class RunConfig:
         return (self.budget_epsilon or self.epsilon, self.budget_delta or self.delta)
 
     @property
+    def ledger_root(self) -> Path:
+        """Where simulated sites keep their ledgers: ``ledger-dir``, else ``<out>/ledgers``."""
+        return Path(self.ledger_dir) if self.ledger_dir else Path(self.out) / "ledgers"
+
+    @property
     def calibrate_noise(self) -> bool:
         """Whether the noise multiplier is solved from the epsilon target."""
         return self.record_level and self.noise_multiplier == 0 and math.isfinite(self.epsilon)

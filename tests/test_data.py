@@ -4,7 +4,7 @@ import torch
 
 from shared.config import RunConfig
 from shared.data import client_data, partition_corpus, resolve
-from shared.data.builtin import WINDOW_DAYS, load_nafld
+from shared.data.builtin import WINDOW_DAYS, load_nafld, load_tweets
 from shared.data.tokenizers import BOS, EOS, CharTokenizer, HashWordTokenizer
 from shared.errors import DataError
 
@@ -86,3 +86,10 @@ def test_nafld_window_keeps_follow_up_out_of_the_input():
     assert corpus.label_set == ["died", "survived"]
     died = (corpus.labels == "died").mean()
     assert 0.03 < died < 0.12
+
+
+def test_tweets_are_messages_labelled_by_app():
+    corpus = load_tweets(RunConfig())
+    assert corpus.kind == "text" and len(corpus) == 20_761
+    assert corpus.label_set == ["android", "iphone", "other", "web"]
+    assert corpus.clients is None  # split by --partitioner

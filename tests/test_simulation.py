@@ -32,6 +32,11 @@ def test_simulate_synthetic_classify_with_dp(tmp_path, capsys):
     assert summary["privacy"]["epsilon_max"] == rows[-1]["epsilon_max"]
     assert summary["privacy"]["delta"] == 1e-5 and summary["privacy"]["accountant"] == "rdp"
     assert (out / "metrics.png").stat().st_size > 0
+    assert not list(out.glob(".*.tmp"))  # every file renamed into place whole
+    # default ledgers: one per site beside the run, recorded as an absolute path
+    assert sorted(p.name for p in (out / "ledgers").glob("*.sqlite")) == [
+        "site-0.sqlite", "site-1.sqlite", "site-2.sqlite"]
+    assert summary["privacy"]["ledger_dir"] == str((out / "ledgers").resolve())
     model, config = load_trained(out)
     assert config.rounds == 2 and config.labels == "neg,pos"
     assert "round   2/2" in capsys.readouterr().err  # progress shown while running
