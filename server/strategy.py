@@ -14,6 +14,7 @@ from flwr.serverapp.strategy import (
 
 from shared import protocol as P
 from shared.config import RunConfig
+from shared.errors import ConfigError
 
 EPSILON_MAX = "epsilon-max"
 CLIENTS = "clients"
@@ -31,8 +32,6 @@ def build_strategy(config: RunConfig, *, available: int) -> Strategy:
     train_k = config.clients_per_round or available
     eval_k = config.eval_clients_per_round or available
     if train_k > available or eval_k > available:
-        from shared.errors import ConfigError
-
         raise ConfigError(f"clients-per-round ({train_k}) and eval-clients-per-round "
                           f"({eval_k}) cannot exceed the {available} available clients")
     common = dict(
