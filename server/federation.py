@@ -19,6 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from server import checkpoint
 from server.records import RunRecord
 from server.strategy import EPSILON_MAX, build_strategy, user_level_release
 from shared import protocol as P
@@ -48,13 +49,23 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     model = build_model(config)
     arrays = ArrayRecord(model.state_dict())
     strategy = build_strategy(config, available=config.clients)
-    record = RunRecord(config.out, config)
-    flat = config.to_flat()
     user_history: History = []
     exhausted: set[int] = set()  # sites that declined for lack of budget
+    first_round = 1
+    saved = checkpoint.load(config.out)
+    if saved is not None:
+        # A restarted server goes on from the last round it completed.
+        arrays = ArrayRecord(saved.weights)
+        checkpoint.restore_strategy(strategy, saved.strategy)
+        checkpoint.restore_rng(saved.rng)
+        user_history = list(saved.user_history)
+        first_round = saved.server_round + 1
+        log.info("resuming %s after round %d", config.out, saved.server_round)
+    record = RunRecord(config.out, config, resume_after=first_round - 1)
+    flat = config.to_flat()
     log.info("run directory %s", record.dir)
 
-    for server_round in range(1, config.rounds + 1):
+    for server_round in range(first_round, config.rounds + 1):
         started = time.monotonic()
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(flat), grid))
         updates, declined = _exchange(grid, messages, "train")
@@ -87,6 +98,10 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         row["declined"] = len(declined)
         row["seconds"] = round(time.monotonic() - started, 3)
         record.add_round(row)
+        checkpoint.save(record.dir, checkpoint.Checkpoint(
+            server_round=server_round, weights=arrays.to_torch_state_dict(),
+            strategy=checkpoint.strategy_state(strategy), user_history=list(user_history),
+            rng=checkpoint.rng_state()))
         log.info("%s", _progress_line(row, config))
         if len(exhausted) >= config.clients:
             log.warning("every site's privacy budget is spent: stopping after round %d "
@@ -113,6 +128,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         "ledger_dir": str(config.ledger_root.resolve()) if config.record_level else None,
         "user_level": _user_level_summary(config, user_history),
     })
+    (record.dir / checkpoint.CHECKPOINT).unlink(missing_ok=True)  # summary.json marks the end
     if exhausted:
         log.warning("%d of %d sites ran out of privacy budget and declined to train",
                     len(exhausted), config.clients)

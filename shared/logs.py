@@ -15,4 +15,7 @@ def console_logging() -> logging.Logger:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    # Opacus calls ``logging.basicConfig`` on import, which would print every Flower line
+    # a second time through the root logger; Flower's logger has its own handler.
+    logging.getLogger("flwr").propagate = False
     return logger
