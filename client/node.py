@@ -98,7 +98,13 @@ def read_site_records(options: SiteOptions) -> int:
 
 
 def run_site(options: SiteOptions) -> int:
-    """Run the site until the SuperNode stops; returns the exit status."""
+    """Serve the site until it is stopped, or cannot go on; returns the exit status.
+
+    A SuperNode exits when it loses an established connection (the server stopped or
+    crashed); the site then starts a new one, which waits for the server to come back,
+    so a restarted server finds its sites again. Only ``--max-wait`` seconds without a
+    server, or a problem retrying cannot fix (certificate, key), end the site.
+    """
     check_options(options)
     n_records = read_site_records(options)
     log.info("site %s: %d records in %s, ledger %s", options.name, n_records, options.data,
@@ -106,6 +112,27 @@ def run_site(options: SiteOptions) -> int:
     # Imported before connecting: the first round must not wait for torch.
     import client.app  # noqa: F401
 
+    last_contact = time.monotonic()
+    while True:
+        watcher = _session(options)
+        fatal = [p for p in watcher.problems if p not in watcher.TRANSIENT]
+        if fatal:
+            raise FedrnnError(f"site {options.name} stopped: {'; '.join(fatal)}")
+        if watcher.connected.is_set():
+            last_contact = time.monotonic()
+        elif not watcher.problems and watcher.process.returncode != 0:
+            tail = "\n".join(watcher.lines[-5:])
+            raise FedrnnError(f"site {options.name} stopped: Flower's SuperNode exited "
+                              f"(code {watcher.process.returncode}):\n{tail}")
+        if options.max_wait and time.monotonic() - last_contact >= options.max_wait:
+            raise FedrnnError(f"site {options.name} stopped: the server at {options.server} "
+                              f"could not be reached for {options.max_wait:g}s")
+        log.warning("lost the connection to %s; reconnecting", options.server)
+        time.sleep(1.0)
+
+
+def _session(options: SiteOptions) -> _SuperNodeLog:
+    """One SuperNode's life: connect, serve tasks until it exits; returns its log."""
     port = _free_port()
     supernode = subprocess.Popen(_supernode_command(options, port), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, bufsize=1,
@@ -113,7 +140,7 @@ def run_site(options: SiteOptions) -> int:
     watcher = _SuperNodeLog(supernode)
     watcher.start()
     try:
-        return _serve(options, port, supernode, watcher)
+        _serve(port, supernode)
     finally:
         if supernode.poll() is None:
             supernode.terminate()
@@ -121,6 +148,9 @@ def run_site(options: SiteOptions) -> int:
                 supernode.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 supernode.kill()
+        supernode.wait()
+        watcher.join(timeout=5)
+    return watcher
 
 
 def _supernode_command(options: SiteOptions, port: int) -> list[str]:
@@ -195,8 +225,8 @@ class _SuperNodeLog(threading.Thread):
             log.debug("supernode: %s", line)
 
 
-def _serve(options: SiteOptions, port: int, supernode: subprocess.Popen,
-           watcher: _SuperNodeLog) -> int:
+def _serve(port: int, supernode: subprocess.Popen) -> None:
+    """Claim and run the SuperNode's tasks while it lives."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -223,15 +253,6 @@ def _serve(options: SiteOptions, port: int, supernode: subprocess.Popen,
                 time.sleep(POLL_SECONDS)
     finally:
         runtime.close()
-    code = supernode.wait()
-    watcher.join(timeout=2)
-    if code != 0 or watcher.problems:
-        reason = "; ".join(p for p in watcher.problems if p not in watcher.TRANSIENT)
-        if not reason and watcher.problems:
-            reason = f"the server at {options.server} could not be reached"
-        reason = reason or "\n".join(watcher.lines[-5:])
-        raise FedrnnError(f"site {options.name} stopped: {reason}")
-    return 0
 
 
 def run_task(runtime_address: str, token: str) -> None:

@@ -33,6 +33,7 @@ from shared.processes import die_with_parent
 log = logging.getLogger("fedrnn")
 
 APP_PACKAGES = ("client", "server", "shared", "simulations")
+DEFAULT_ROUND_TIMEOUT = 600.0  # seconds
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,11 @@ def check_server_config(config: RunConfig) -> RunConfig:
     # A built-in dataset is public (synthetic data is generated from the config): its
     # schema may be read from it.
     config = resolve(config)
+    if not config.round_timeout:
+        # Across a network a site can vanish mid-round; without a limit the round would
+        # wait for it until Flower's message expiry (hours).
+        config = config.replace(round_timeout=DEFAULT_ROUND_TIMEOUT)
+        log.info("round timeout %gs (--round-timeout to change)", DEFAULT_ROUND_TIMEOUT)
     if not config.record_level:
         log.warning("dp-level %s: deployed sites train only with record-level DP and will "
                     "decline this run", config.dp_level if config.dp else "none")
@@ -176,13 +182,24 @@ def _flower_bin(name: str) -> str:
     return str(beside) if beside.exists() else name
 
 
-def _check_port_free(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(f"--address {host}:{port} is not available ({exc.strerror}); "
-                              "is another server running there?") from None
+def _check_port_free(host: str, port: int, patience: float = 10.0) -> None:
+    """Fail early and clearly if the port is taken. A server restarted right after a crash
+    may find its old SuperLink still exiting, so this waits ``patience`` seconds first."""
+    deadline = time.monotonic() + patience
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            # as the SuperLink's server does: connections of a dead server in TIME_WAIT
+            # do not hold the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+                return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"--address {host}:{port} is not available "
+                                      f"({exc.strerror}); is another server running "
+                                      "there?") from None
+        time.sleep(0.5)
 
 
 def _control_client(host: str, port: int, tls: dict[str, Path], options: ServerOptions):

@@ -68,7 +68,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     for server_round in range(first_round, config.rounds + 1):
         started = time.monotonic()
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(flat), grid))
-        updates, declined = _exchange(grid, messages, "train")
+        updates, declined, dropped = _exchange(grid, messages, "train", config.round_timeout)
         exhausted |= {m.metadata.src_node_id for m in declined}
         new_arrays, train_metrics = strategy.aggregate_train(server_round, updates)
         if new_arrays is not None:
@@ -78,7 +78,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                     config, received=len(updates), sampled=len(messages),
                     available=config.clients))
         messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(flat), grid)
-        evaluations, _ = _exchange(grid, messages, "evaluate")
+        evaluations, _, _ = _exchange(grid, messages, "evaluate", config.round_timeout)
         eval_metrics = strategy.aggregate_evaluate(server_round, evaluations) or {}
         train_metrics = train_metrics or {}
         row = {"round": server_round}
@@ -96,6 +96,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                                           accountant=config.accountant)
         row["clients"] = len(updates)
         row["declined"] = len(declined)
+        row["dropped"] = dropped
         row["seconds"] = round(time.monotonic() - started, 3)
         record.add_round(row)
         checkpoint.save(record.dir, checkpoint.Checkpoint(
@@ -148,16 +149,18 @@ def _user_level_summary(config: RunConfig, history: History) -> dict | None:
     }
 
 
-def _exchange(grid: Grid, messages, phase: str) -> tuple[list[Message], list[Message]]:
-    """Send one phase's messages; returns (replies with content, budget declines).
+def _exchange(grid: Grid, messages, phase: str,
+              timeout: float) -> tuple[list[Message], list[Message], int]:
+    """Send one phase's messages; returns (replies with content, budget declines, number of
+    sites dropped: failed, or silent past ``timeout`` seconds).
 
     A decline is a site's refusal, not a failure: it is logged with the site's reason.
     Failures are logged, and fatal only if every site failed.
     """
     messages = list(messages)
     if not messages:
-        return [], []
-    replies = list(grid.send_and_receive(messages))
+        return [], [], 0
+    replies = list(grid.send_and_receive(messages, timeout=timeout or None))
     ok = [m for m in replies if not m.has_error()]
     declined = [m for m in replies if m.has_error() and m.error.code == P.DECLINED_BUDGET]
     failed = [m for m in replies if m.has_error() and m.error.code != P.DECLINED_BUDGET]
@@ -165,15 +168,22 @@ def _exchange(grid: Grid, messages, phase: str) -> tuple[list[Message], list[Mes
         log.info("%s", m.error.reason)
     for m in failed:
         log.warning("%s failed at node %s: %s", phase, m.metadata.src_node_id, m.error.reason)
-    if failed and not ok and not declined:
-        raise FedrnnError(f"every client failed to {phase}; first error: {failed[0].error.reason}")
-    return ok, declined
+    silent = len(messages) - len(replies)
+    if silent:
+        log.warning("%d site(s) sent no %s reply within the round timeout (%gs): the round "
+                    "goes on without them", silent, phase, timeout)
+    if not ok and not declined and (failed or silent):
+        first = failed[0].error.reason if failed else "no site replied in time"
+        raise FedrnnError(f"every client failed to {phase}; first error: {first}")
+    return ok, declined, len(failed) + silent
 
 
 def _progress_line(row: dict, config: RunConfig) -> str:
     parts = [f"round {row['round']:>3}/{config.rounds}", f"clients {row['clients']}"]
     if row.get("declined"):
         parts.append(f"declined {row['declined']} (budget)")
+    if row.get("dropped"):
+        parts.append(f"dropped {row['dropped']}")
     for name in METRICS[config.task]:
         value = row.get(name)
         if isinstance(value, float) and not math.isnan(value):

@@ -88,6 +88,8 @@ class RunConfig:
     ledger_dir: str = _opt("", "directory of the sites' privacy ledgers, one SQLite file per "
                            "site (default <out>/ledgers); reuse it to carry budgets across runs")
     # --- run --------------------------------------------------------------------------------
+    round_timeout: float = _opt(0.0, "seconds a round waits for the sampled sites' replies; "
+                                "sites that miss it are dropped from the round (0: no limit)")
     seed: int = _opt(0, "random seed (data split, model init, sampling, noise)")
     out: str = _opt("", "run directory (default runs/<time>)")
     run_id: str = _opt("", "name of the run in the ledgers (default: from the run directory)")
@@ -122,6 +124,8 @@ class RunConfig:
         if self.dp_level in ("user", "both") and (self.user_noise_multiplier <= 0
                                                   or self.user_clip_norm <= 0):
             problems.append("user-noise-multiplier and user-clip-norm must be positive")
+        if not self.round_timeout >= 0:
+            problems.append("round-timeout must be >= 0")
         if not (0 < self.eval_fraction < 1):
             problems.append("eval-fraction must be in (0, 1)")
         if not (0 <= self.dropout < 1):
