@@ -300,10 +300,12 @@ def run_task(runtime_address: str, token: str) -> None:
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                   reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
             details = str(exc)
-        log.info("%s %s in %.1fs", message.metadata.message_type,
-                 "declined" if reply.has_error() and status == SubStatus.COMPLETED
-                 else ("done" if status == SubStatus.COMPLETED else "failed"),
-                 time.monotonic() - started)
+        if reply.has_error() and status == SubStatus.COMPLETED:
+            log.warning("%s", reply.error.reason)  # a decline, e.g. the budget is spent
+        else:
+            log.info("%s %s in %.1fs", message.metadata.message_type,
+                     "done" if status == SubStatus.COMPLETED else "failed",
+                     time.monotonic() - started)
         push_message(client, reply, context)
     finally:
         push_task_output(client=client, context=context, sub_status=status, details=details)

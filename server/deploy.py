@@ -296,18 +296,29 @@ def _follow(control, run_id: int, link: subprocess.Popen) -> str:
     from flwr.proto.control_pb2 import ListRunsRequest, StreamLogsRequest
 
     after = 0.0
+    waiting = ""
     while True:
         try:
             for chunk in control.StreamLogs(StreamLogsRequest(run_id=run_id,
                                                               after_timestamp=after)):
-                sys.stderr.write(chunk.log_output)
+                for line in chunk.log_output.splitlines(keepends=True):
+                    # Flower repeats its wait message every second: show each count once
+                    if "Waiting for nodes" in line:
+                        if line == waiting:
+                            continue
+                        waiting = line
+                    sys.stderr.write(line)
                 sys.stderr.flush()
                 after = max(after, chunk.latest_timestamp)
         except Exception as exc:  # the stream broke; the run may still be going
             log.debug("log stream: %s", exc)
         if link.poll() is not None:
             return f"the SuperLink exited with code {link.returncode}"
-        run = control.ListRuns(ListRunsRequest(run_id=run_id)).run_dict.get(run_id)
+        try:
+            run = control.ListRuns(ListRunsRequest(run_id=run_id)).run_dict.get(run_id)
+        except Exception as exc:  # the SuperLink is going down; poll() above will tell
+            log.debug("run status: %s", exc)
+            run = None
         if run is not None and run.status.status == "finished":
             return f"{run.status.sub_status} {run.status.details}".strip()
         time.sleep(0.5)

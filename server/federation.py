@@ -126,7 +126,9 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         "budget_delta": config.site_budget[1] if config.record_level else None,
         "sites_out_of_budget": len(exhausted),
         # absolute, so that an audit run from another directory finds the ledgers
-        "ledger_dir": str(config.ledger_root.resolve()) if config.record_level else None,
+        # (None when deployed: each site keeps its ledger on its own disk)
+        "ledger_dir": (str(config.ledger_root.resolve())
+                       if config.record_level and config.ledger_root.is_dir() else None),
         "user_level": _user_level_summary(config, user_history),
     })
     (record.dir / checkpoint.CHECKPOINT).unlink(missing_ok=True)  # summary.json marks the end

@@ -166,6 +166,19 @@ def test_client_with_a_bad_data_file_stops_before_connecting(tmp_path, capsys):
     assert "--root-cert" in capsys.readouterr().err
 
 
+def test_client_gives_up_on_an_unreachable_server_after_max_wait(tmp_path, capsys):
+    write_certificates(tmp_path / "certs")
+    assert main(["split", str(tmp_path / "sites"), "--dataset", "synthetic", "--clients",
+                 "2"]) == 0
+    code = main(["client", "--server", f"127.0.0.1:{_free_port()}", "--root-cert",
+                 str(tmp_path / "certs" / "ca.crt"), "--data",
+                 str(tmp_path / "sites" / "site-0.csv"), "--ledger",
+                 str(tmp_path / "site.sqlite"), "--max-wait", "3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "could not be reached" in err and "Traceback" not in err
+
+
 def test_server_refuses_bad_settings_before_starting(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["server", "--insecure", "--data", "x.csv", "--out", str(out)]) == 2
