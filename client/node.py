@@ -20,14 +20,13 @@ import logging
 import shlex
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ConfigError, FedrnnError
-from shared.processes import die_with_parent
+from shared.processes import die_with_parent, flower_bin, stop
 
 log = logging.getLogger("fedrnn")
 
@@ -142,19 +141,13 @@ def _session(options: SiteOptions) -> _SuperNodeLog:
     try:
         _serve(port, supernode)
     finally:
-        if supernode.poll() is None:
-            supernode.terminate()
-            try:
-                supernode.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                supernode.kill()
-        supernode.wait()
+        stop(supernode)
         watcher.join(timeout=5)
     return watcher
 
 
 def _supernode_command(options: SiteOptions, port: int) -> list[str]:
-    cmd = [_flower_bin("flower-supernode"), "--superlink", options.server,
+    cmd = [flower_bin("flower-supernode"), "--superlink", options.server,
            "--isolation", "process", "--host", "127.0.0.1", "--port", str(port),
            "--node-config", options.node_config()]
     if options.insecure:
@@ -167,11 +160,6 @@ def _supernode_command(options: SiteOptions, port: int) -> list[str]:
         cmd += ["--max-wait-time", str(options.max_wait)]
     log.debug("starting %s", shlex.join(cmd))
     return cmd
-
-
-def _flower_bin(name: str) -> str:
-    beside = Path(sys.executable).with_name(name)
-    return str(beside) if beside.exists() else name
 
 
 def _free_port() -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from shared.config import RunConfig, dump_toml
 from shared.errors import ConfigError, FedrnnError
-from shared.processes import die_with_parent
+from shared.processes import die_with_parent, flower_bin, stop
 
 log = logging.getLogger("fedrnn")
 
@@ -142,7 +142,7 @@ def run_server(config: RunConfig, options: ServerOptions) -> Path:
     home = out / ".flwr"  # Flower's FAB installs and CLI state, kept with the run
     env = {**os.environ, "FLWR_HOME": str(home),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    cmd = [_flower_bin("flower-superlink"), "--host", host, "--port", str(port),
+    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if options.insecure:
         cmd.append("--insecure")
@@ -170,16 +170,11 @@ def run_server(config: RunConfig, options: ServerOptions) -> Path:
                  else "started", run_id, config.rounds, config.clients, port)
         status = _follow(control, run_id, link)
     finally:
-        _stop(link)
+        stop(link)
     if not (out / "summary.json").exists():
         raise FedrnnError(f"the run ended without finishing ({status}); its checkpoint is in "
                           f"{out}: start `fedrnn server` again with the same --out to resume")
     return out
-
-
-def _flower_bin(name: str) -> str:
-    beside = Path(sys.executable).with_name(name)
-    return str(beside) if beside.exists() else name
 
 
 def _check_port_free(host: str, port: int, patience: float = 10.0) -> None:
@@ -322,13 +317,3 @@ def _follow(control, run_id: int, link: subprocess.Popen) -> str:
         if run is not None and run.status.status == "finished":
             return f"{run.status.sub_status} {run.status.details}".strip()
         time.sleep(0.5)
-
-
-def _stop(link: subprocess.Popen) -> None:
-    if link.poll() is None:
-        link.terminate()
-        try:
-            link.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            link.kill()
-            link.wait()

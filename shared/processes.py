@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
@@ -22,3 +24,21 @@ def die_with_parent() -> Callable[[], None] | None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
     return set_parent_death_signal
+
+
+def flower_bin(name: str) -> str:
+    """A Flower executable (``flower-superlink`` ...) from this Python's environment, so
+    that the Flower that runs is the one fedrnn imports."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else name
+
+
+def stop(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Ask a child to end (SIGTERM), kill it if it will not, and reap it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait()
