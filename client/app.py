@@ -14,6 +14,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.faults import fault_mod
 from client.ledger import Ledger
 from client.spending import BudgetExhausted, charge_round
 from client.training import evaluate as evaluate_local
@@ -24,7 +25,7 @@ from shared.data import ClientData, client_data
 from shared.models import SequenceModel, build_model
 from shared.privacy import calibrate_noise, sample_rate, steps_per_round
 
-app = ClientApp()
+app = ClientApp(mods=[fault_mod])  # fault_mod: injected faults of simulations only
 
 
 @app.train()

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.records import RunRecord
+from server.sampling import ClientSampler, nodes_in_partition_order, wait_for_nodes
 from server.strategy import EPSILON_MAX, build_strategy, user_level_release
 from shared import protocol as P
 from shared.config import RunConfig
@@ -43,7 +44,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         config = config.replace(out=default_out_dir())
     if not config.run_id:
         config = config.replace(run_id=f"{Path(config.out).name}-{uuid.uuid4().hex[:8]}")
-    random.seed(config.seed)  # Flower's node sampling draws from ``random``
+    random.seed(config.seed)  # Flower's strategies shuffle the drawn nodes with ``random``
     torch.manual_seed(config.seed)
     model = build_model(config)
     arrays = ArrayRecord(model.state_dict())
@@ -53,11 +54,15 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     user_history: History = []
     exhausted: set[int] = set()  # sites that declined for lack of budget
     log.info("run directory %s", record.dir)
+    wait_for_nodes(grid, config.clients)
+    sampler = ClientSampler(nodes_in_partition_order(grid), config)
+    timeout = config.round_timeout or None
 
     for server_round in range(1, config.rounds + 1):
         started = time.monotonic()
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(flat), grid))
-        updates, declined = _exchange(grid, messages, "train")
+        view = sampler.view(grid, sampler.sample(server_round, "train"))
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(flat), view))
+        updates, declined, lost = _exchange(grid, messages, "train", timeout=timeout)
         exhausted |= {m.metadata.src_node_id for m in declined}
         new_arrays, train_metrics = strategy.aggregate_train(server_round, updates)
         if new_arrays is not None:
@@ -66,8 +71,9 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                 user_history.append(user_level_release(
                     config, received=len(updates), sampled=len(messages),
                     available=config.clients))
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(flat), grid)
-        evaluations, _ = _exchange(grid, messages, "evaluate")
+        view = sampler.view(grid, sampler.sample(server_round, "evaluate"))
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(flat), view)
+        evaluations, _, _ = _exchange(grid, messages, "evaluate", timeout=timeout)
         eval_metrics = strategy.aggregate_evaluate(server_round, evaluations) or {}
         train_metrics = train_metrics or {}
         row = {"round": server_round}
@@ -85,6 +91,9 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                                           accountant=config.accountant)
         row["clients"] = len(updates)
         row["declined"] = len(declined)
+        # partition ids of sampled sites whose update never arrived (failed, or too late)
+        row["dropped"] = sorted(sampler.partition_of[n] for n in lost["failed"])
+        row["timed_out"] = sorted(sampler.partition_of[n] for n in lost["timed_out"])
         row["seconds"] = round(time.monotonic() - started, 3)
         record.add_round(row)
         log.info("%s", _progress_line(row, config))
@@ -132,32 +141,44 @@ def _user_level_summary(config: RunConfig, history: History) -> dict | None:
     }
 
 
-def _exchange(grid: Grid, messages, phase: str) -> tuple[list[Message], list[Message]]:
-    """Send one phase's messages; returns (replies with content, budget declines).
+def _exchange(grid: Grid, messages, phase: str, *, timeout: float | None = None,
+              ) -> tuple[list[Message], list[Message], dict[str, list[int]]]:
+    """Send one phase's messages; returns (replies with content, budget declines, lost),
+    ``lost`` being the node ids that failed (``failed``) or did not reply within
+    ``timeout`` seconds (``timed_out``).
 
     A decline is a site's refusal, not a failure: it is logged with the site's reason.
     Failures are logged, and fatal only if every site failed.
     """
     messages = list(messages)
     if not messages:
-        return [], []
-    replies = list(grid.send_and_receive(messages))
+        return [], [], {"failed": [], "timed_out": []}
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
     ok = [m for m in replies if not m.has_error()]
     declined = [m for m in replies if m.has_error() and m.error.code == P.DECLINED_BUDGET]
     failed = [m for m in replies if m.has_error() and m.error.code != P.DECLINED_BUDGET]
     for m in declined:
         log.info("%s", m.error.reason)
     for m in failed:
-        log.warning("%s failed at node %s: %s", phase, m.metadata.src_node_id, m.error.reason)
-    if failed and not ok and not declined:
+        level = logging.DEBUG if m.error.code == P.DROPPED_OUT else logging.WARNING
+        log.log(level, "%s failed at node %s: %s", phase, m.metadata.src_node_id,
+                m.error.reason)
+    replied = {m.metadata.src_node_id for m in replies}
+    late = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]
+    if late:
+        log.info("%s: %d site(s) did not reply within %s s", phase, len(late), timeout)
+    injected = any(m.error.code == P.DROPPED_OUT for m in failed)
+    if failed and not ok and not declined and not injected:
         raise FedrnnError(f"every client failed to {phase}; first error: {failed[0].error.reason}")
-    return ok, declined
+    return ok, declined, {"failed": [m.metadata.src_node_id for m in failed], "timed_out": late}
 
 
 def _progress_line(row: dict, config: RunConfig) -> str:
     parts = [f"round {row['round']:>3}/{config.rounds}", f"clients {row['clients']}"]
     if row.get("declined"):
         parts.append(f"declined {row['declined']} (budget)")
+    if row.get("dropped") or row.get("timed_out"):
+        parts.append(f"lost {len(row['dropped'])} dropped, {len(row['timed_out'])} late")
     for name in METRICS[config.task]:
         value = row.get(name)
         if isinstance(value, float) and not math.isnan(value):

@@ -54,9 +54,24 @@ def epsilon(history: History, *, delta: float, accountant: str = "rdp") -> float
     if not history:
         return 0.0
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = merge_history(history)
     with _quiet(accountant):
         return float(acc.get_epsilon(delta=delta, **_options(accountant)))
+
+
+def merge_history(history: History) -> History:
+    """Releases with the same (noise multiplier, sample rate) as one entry of summed steps.
+
+    The same mechanism composed n1 then n2 times is that mechanism composed n1 + n2 times,
+    for every accountant here; a site that runs the same DP-SGD every round keeps a
+    one-entry history, so its epsilon costs the same in round 1000 as in round 1 (computed
+    entry by entry it cost about 0.13 s more per round).
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        key = (float(s), float(q))
+        steps[key] = steps.get(key, 0) + int(n)
+    return [(s, q, n) for (s, q), n in steps.items()]
 
 
 @functools.lru_cache(maxsize=1024)

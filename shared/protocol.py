@@ -20,3 +20,4 @@ STEPS = "steps"
 
 # Error codes of replies that carry no update
 DECLINED_BUDGET = 4030  # the site's privacy budget does not allow this round
+DROPPED_OUT = 5030  # injected fault (simulation): the site failed after training

@@ -13,14 +13,21 @@ from pathlib import Path
 
 from shared.config import RunConfig
 from shared.data import client_data, partition_corpus, resolve
-from shared.errors import ConfigError
+from shared.errors import ConfigError, FedrnnError
 
 log = logging.getLogger("fedrnn")
 
 
 def prepare(config: RunConfig) -> RunConfig:
-    """Resolve the schema, fix the number of clients, and check every client's data."""
+    """Resolve the schema, fix the number of clients, and check the data once.
+
+    The corpus is read and partitioned here, which checks every client's share (its size,
+    its labels against the schema); one client is encoded to catch encoding problems.
+    The other clients are encoded lazily, in the worker that serves them: at 15,000
+    clients, encoding all of them up front would cost minutes and hold every tensor.
+    """
     from server.federation import default_out_dir
+    from server.sampling import ClientSampler
 
     config = resolve(config)
     names, _ = partition_corpus(config)
@@ -31,8 +38,11 @@ def prepare(config: RunConfig) -> RunConfig:
     for k in (config.clients_per_round, config.eval_clients_per_round):
         if k > config.clients:
             raise ConfigError(f"clients-per-round {k} exceeds the {config.clients} clients")
-    for i in range(config.clients):  # fail here, not later inside a Ray worker
-        client_data(config, i)
+    try:
+        ClientSampler(range(config.clients), config)  # enough sites for each phase?
+    except FedrnnError as exc:
+        raise ConfigError(str(exc)) from None
+    client_data(config, 0)  # fail here, not later inside a Ray worker
     out = Path(config.out or default_out_dir())
     if (out / "metrics.jsonl").exists():
         raise ConfigError(f"{out} already holds a run; choose another --out or remove it")
