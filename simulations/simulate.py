@@ -2,17 +2,23 @@
 
 Every simulated site is a Flower SuperNode of the Simulation Runtime (Ray backend)
 running the same ClientApp a deployed site runs; the ServerApp runs in this process.
-All data is checked before Ray starts, so a bad file fails in a second, not mid-run.
+The data is read and checked while Ray starts, so a bad file stops the run before any
+site trains, with one line naming the problem.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import ray
+
+# Nothing here imports torch at module level: Ray should start before the imports
+# (about 1 s) and the data reading, which run beside it in a thread.
 from shared.config import RunConfig
-from shared.data import client_data, partition_corpus, resolve
 from shared.errors import ConfigError, FedrnnError
 
 log = logging.getLogger("fedrnn")
@@ -28,12 +34,13 @@ def prepare(config: RunConfig) -> RunConfig:
     """
     from server.federation import default_out_dir
     from server.sampling import ClientSampler
+    from shared.data import client_data, partition_corpus, resolve
 
     config = resolve(config)
     names, _ = partition_corpus(config)
     if len(names) != config.clients:
-        log.info("data has %d natural clients (the 'client' column); --clients ignored",
-                 len(names))
+        log.info("data has %d clients (%s); --clients ignored", len(names),
+                 "one per record" if config.partitioner == "record" else "the 'client' column")
         config = config.replace(clients=len(names))
     for k in (config.clients_per_round, config.eval_clients_per_round):
         if k > config.clients:
@@ -56,7 +63,18 @@ class _HideDeprecation(logging.Filter):
 
 def simulate(config: RunConfig, *, verbose: bool = False) -> Path:
     """Run the simulation ``config`` describes; returns the run directory."""
-    config = prepare(config)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a CPU-only tip
+    # Ray starts (about 2.5 s, mostly waiting on its processes) while this process reads
+    # and checks the data in a thread; ray.init itself must run on the main thread.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        prepared = pool.submit(_prepare_and_import, config)
+        _start_ray(verbose=verbose)
+        try:
+            config = prepared.result()
+        except BaseException:
+            ray.shutdown()
+            raise
     log.info("%d clients (%s), %d rounds, %s on %s, %s", config.clients,
              "all per round" if not config.clients_per_round
              else f"{config.clients_per_round} per round", config.rounds, config.model,
@@ -69,8 +87,6 @@ def simulate(config: RunConfig, *, verbose: bool = False) -> Path:
     # ``run_simulation`` is Flower's in-process entry to its Simulation Runtime; Flower
     # marks it deprecated in favour of ``flwr run``, which fedrnn also supports (README).
     flwr_logger.addFilter(_HideDeprecation())
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a CPU-only tip
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
@@ -80,11 +96,8 @@ def simulate(config: RunConfig, *, verbose: bool = False) -> Path:
         server_app=make_app(config),
         client_app=client_app,
         num_supernodes=config.clients,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                          "logging_level": "ERROR" if not verbose else "INFO"},
-        },
+        # Ray is already running (``_start_ray``), so Flower's backend uses it as it is.
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         verbose_logging=verbose,
     )
     out = Path(config.out)
@@ -92,3 +105,30 @@ def simulate(config: RunConfig, *, verbose: bool = False) -> Path:
         raise ConfigError(f"the simulation ended without finishing the run in {out}; "
                           "rerun with --verbose to see Flower's and Ray's logs")
     return out
+
+
+def _prepare_and_import(config: RunConfig) -> RunConfig:
+    config = prepare(config)
+    import flwr.simulation  # noqa: F401
+
+    import client.app  # noqa: F401  (the ClientApp and its torch and Opacus, while Ray starts)
+
+    return config
+
+
+def _start_ray(*, verbose: bool) -> None:
+    """Start Ray for Flower's backend, without a ``runtime_env``.
+
+    Flower's backend would start Ray with ``runtime_env={"env_vars": {"PYTHONPATH": ...}}``;
+    any runtime_env stops Ray from pre-starting its worker processes, so each Ray worker
+    (one per core) then starts only when the first round needs it. Ray's processes inherit
+    this process's environment, so the same PYTHONPATH goes there instead.
+    """
+    if ray.is_initialized():
+        return
+    paths = [p for p in sys.path if p]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False,
+             logging_level="INFO" if verbose else "ERROR", log_to_driver=verbose)

@@ -48,3 +48,31 @@ def test_dropouts_are_recorded_and_still_charged(tmp_path):
     for server_round, partition in dropped:
         assert server_round in charged[f"site-{partition}"]  # failed after the charge
     assert sum(len(r) for r in charged.values()) == 9  # every sampled site charged once
+
+
+def _one_straggler_seed(config_flags):
+    """A seed whose first round samples exactly one straggler (faults are seeded)."""
+    from client.faults import STRAGGLE, fault_of
+    from server.sampling import ClientSampler
+    from shared.config import RunConfig
+
+    for seed in range(100):
+        config = RunConfig(clients=6, clients_per_round=3, seed=seed, **config_flags)
+        faults = [fault_of(seed=seed, server_round=1, partition_id=p, dropout_rate=0.0,
+                           straggler_rate=config.straggler_rate)
+                  for p in ClientSampler(range(6), config).sample(1, "train")]
+        if faults.count(STRAGGLE) == 1:
+            return seed, faults.index(STRAGGLE)
+    raise AssertionError("no seed found")
+
+
+def test_stragglers_past_the_round_timeout_are_left_out(tmp_path):
+    seed, _ = _one_straggler_seed({"straggler_rate": 0.3})
+    out = tmp_path / "late"
+    # the timeout leaves room for the first round's cold start (worker imports, calibration)
+    assert main([*COMMON, "--rounds", "1", "--seed", str(seed), "--straggler-rate", "0.3",
+                 "--straggler-delay", "40", "--round-timeout", "15", "--out", str(out)]) == 0
+    row = _rows(out)[0]
+    assert len(row["timed_out"]) == 1 and row["clients"] == 2 and row["dropped"] == []
+    late = row["timed_out"][0]
+    assert _charged_rounds(out)[f"site-{late}"] == [1]  # it trained and charged, too late

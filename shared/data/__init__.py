@@ -35,8 +35,10 @@ def load_corpus(config: RunConfig) -> Corpus:
         path = Path(config.data).expanduser().resolve()
         stamp = path.stat().st_mtime_ns if path.exists() else 0
         return _read_cached(str(path), stamp)
-    # Only synthetic data depends on these; a real dataset is the same for any of them.
-    source = {k: getattr(config, k) for k in ("dataset", "task", "clients", "seed")}
+    # Only synthetic data depends on these; a real dataset is the same for any of them
+    # (and is read once, whatever --clients a sampler or partitioner settles on).
+    keys = ("dataset", "task", "clients", "seed") if config.dataset == "synthetic" else ("dataset",)
+    source = {k: getattr(config, k) for k in keys}
     return _builtin_cached(RunConfig().replace(**source))
 
 
