@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from client.faults import fault_mod
 from client.ledger import Ledger
+from client.slots import partition_id
 from client.spending import BudgetExhausted, charge_round
 from client.training import evaluate as evaluate_local
 from client.training import train as train_local
@@ -31,7 +32,7 @@ app = ClientApp(mods=[fault_mod])  # fault_mod: injected faults of simulations o
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, server_round = _run_config(msg)
-    data = _site_data(config, context)
+    data = _site_data(config, msg, context)
     model = _global_model(config, msg)
     sigma = noise_multiplier(config, n_records=len(data.train))
     spent = math.inf
@@ -47,7 +48,7 @@ def train(msg: Message, context: Context) -> Message:
                 return Message(Error(P.DECLINED_BUDGET, str(exc)), reply_to=msg)
     # Only now, with the release committed to the ledger, does training on the records start.
     result = train_local(model, data.train, config, noise_multiplier=sigma,
-                         seed=_seed(config, context, server_round))
+                         seed=_seed(config, partition_id(msg, context), server_round))
     if sigma is not None and result.history != [planned]:
         # Never release an update whose mechanism differs from what was charged.
         raise RuntimeError(f"DP-SGD ran {result.history}, but {planned} was charged")
@@ -67,7 +68,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, _ = _run_config(msg)
-    data = _site_data(config, context)
+    data = _site_data(config, msg, context)
     metrics = evaluate_local(_global_model(config, msg), data.eval, config)
     metrics[P.UNIT_WEIGHT] = 1
     return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
@@ -92,11 +93,12 @@ def noise_multiplier(config: RunConfig, *, n_records: int) -> float | None:
 def _run_config(msg: Message) -> tuple[RunConfig, int]:
     values = dict(msg.content[P.CONFIG])
     server_round = int(values.pop(P.ROUND, 0))
+    values.pop(P.PARTITIONS, None)  # simulation slots: read by ``partition_id``
     return RunConfig.from_flat(values), server_round
 
 
-def _site_data(config: RunConfig, context: Context) -> ClientData:
-    return client_data(config, int(context.node_config["partition-id"]))
+def _site_data(config: RunConfig, msg: Message, context: Context) -> ClientData:
+    return client_data(config, partition_id(msg, context))
 
 
 def _global_model(config: RunConfig, msg: Message) -> SequenceModel:
@@ -113,6 +115,5 @@ def ledger_path(config: RunConfig, context: Context, site: str) -> Path:
     return config.ledger_root / f"{site}.sqlite"
 
 
-def _seed(config: RunConfig, context: Context, server_round: int) -> int:
-    return (config.seed * 1_000_003 + int(context.node_config["partition-id"]) * 10_007
-            + server_round) % 2**31
+def _seed(config: RunConfig, partition: int, server_round: int) -> int:
+    return (config.seed * 1_000_003 + partition * 10_007 + server_round) % 2**31

@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.slots import partition_id
 from shared import protocol as P
 
 DROP = "drop"
@@ -39,17 +40,18 @@ def fault_of(*, seed: int, server_round: int, partition_id: int, dropout_rate: f
 def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Inject the run's faults into training rounds of simulated sites."""
     config = msg.content.config_records.get(P.CONFIG) if msg.has_content() else None
-    partition_id = context.node_config.get("partition-id")
-    if (msg.metadata.message_type != MessageType.TRAIN or config is None or partition_id is None
+    if (msg.metadata.message_type != MessageType.TRAIN or config is None
+            or "partition-id" not in context.node_config
             or not (config.get("dropout-rate") or config.get("straggler-rate"))):
         return call_next(msg, context)
+    partition = partition_id(msg, context)
     fault = fault_of(seed=int(config.get("seed", 0)), server_round=int(config.get(P.ROUND, 0)),
-                     partition_id=int(partition_id),
+                     partition_id=partition,
                      dropout_rate=float(config.get("dropout-rate", 0.0)),
                      straggler_rate=float(config.get("straggler-rate", 0.0)))
     reply = call_next(msg, context)
     if fault == DROP and not reply.has_error():
-        return Message(Error(P.DROPPED_OUT, f"partition {partition_id} dropped out after "
+        return Message(Error(P.DROPPED_OUT, f"partition {partition} dropped out after "
                                             "training (injected fault)"), reply_to=msg)
     if fault == STRAGGLE:
         time.sleep(float(config.get("straggler-delay", 0.0)))

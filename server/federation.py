@@ -20,7 +20,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.records import RunRecord
-from server.sampling import ClientSampler, nodes_in_partition_order, wait_for_nodes
+from server.sampling import (
+    ClientSampler,
+    is_simulation,
+    nodes_in_partition_order,
+    simulation_slots,
+    wait_for_nodes,
+)
 from server.strategy import EPSILON_MAX, build_strategy, user_level_release
 from shared import protocol as P
 from shared.config import RunConfig
@@ -52,20 +58,23 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     record = RunRecord(config.out, config)
     flat = config.to_flat()
     user_history: History = []
-    exhausted: set[int] = set()  # sites that declined for lack of budget
+    exhausted: set[int] = set()  # partition ids of sites that declined for lack of budget
     log.info("run directory %s", record.dir)
-    wait_for_nodes(grid, config.clients)
+    slots = is_simulation(grid)  # simulated nodes are worker slots (server.sampling)
+    wait_for_nodes(grid, simulation_slots(config) if slots else config.clients)
     if hasattr(grid, "pull_interval"):  # the Simulation Engine's grid polls for replies;
         grid.pull_interval = 0.01  # its 0.1 s default idles up to 0.2 s of every round
-    sampler = ClientSampler(nodes_in_partition_order(grid), config)
+    sampler = ClientSampler(nodes_in_partition_order(grid), config, slots=slots)
     timeout = config.round_timeout or None
 
     for server_round in range(1, config.rounds + 1):
         started = time.monotonic()
-        view = sampler.view(grid, sampler.sample(server_round, "train"))
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(flat), view))
+        trainers = sampler.assign(sampler.sample(server_round, "train"))
+        messages = list(strategy.configure_train(
+            server_round, arrays, ConfigRecord({**flat, **sampler.round_config(trainers)}),
+            sampler.view(grid, trainers)))
         updates, declined, lost = _exchange(grid, messages, "train", timeout=timeout)
-        exhausted |= {m.metadata.src_node_id for m in declined}
+        exhausted |= {trainers[m.metadata.src_node_id] for m in declined}
         new_arrays, train_metrics = strategy.aggregate_train(server_round, updates)
         if new_arrays is not None:
             arrays = new_arrays
@@ -73,8 +82,10 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                 user_history.append(user_level_release(
                     config, received=len(updates), sampled=len(messages),
                     available=config.clients))
-        view = sampler.view(grid, sampler.sample(server_round, "evaluate"))
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(flat), view)
+        evaluators = sampler.assign(sampler.sample(server_round, "evaluate"))
+        messages = strategy.configure_evaluate(
+            server_round, arrays, ConfigRecord({**flat, **sampler.round_config(evaluators)}),
+            sampler.view(grid, evaluators))
         evaluations, _, _ = _exchange(grid, messages, "evaluate", timeout=timeout)
         eval_metrics = strategy.aggregate_evaluate(server_round, evaluations) or {}
         train_metrics = train_metrics or {}
@@ -94,8 +105,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         row["clients"] = len(updates)
         row["declined"] = len(declined)
         # partition ids of sampled sites whose update never arrived (failed, or too late)
-        row["dropped"] = sorted(sampler.partition_of[n] for n in lost["failed"])
-        row["timed_out"] = sorted(sampler.partition_of[n] for n in lost["timed_out"])
+        row["dropped"] = sorted(trainers[n] for n in lost["failed"])
+        row["timed_out"] = sorted(trainers[n] for n in lost["timed_out"])
         row["seconds"] = round(time.monotonic() - started, 3)
         record.add_round(row)
         log.info("%s", _progress_line(row, config))

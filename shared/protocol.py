@@ -9,6 +9,7 @@ CONFIG = "config"  # ConfigRecord: the run's resolved config plus ROUND
 METRICS = "metrics"  # MetricRecord in every reply
 
 ROUND = "server-round"  # injected by Flower's strategies into CONFIG
+PARTITIONS = "partitions"  # simulation: in CONFIG, the partition each slot serves (-1: none)
 
 # Train replies
 NUM_EXAMPLES = "num-examples"  # training records (FedAvg weight); eval: units averaged over

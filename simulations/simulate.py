@@ -91,11 +91,12 @@ def simulate(config: RunConfig, *, verbose: bool = False) -> Path:
 
     from client.app import app as client_app
     from server.app import make_app
+    from server.sampling import simulation_slots
 
     run_simulation(
         server_app=make_app(config),
         client_app=client_app,
-        num_supernodes=config.clients,
+        num_supernodes=simulation_slots(config),  # worker slots, not clients (sampling.py)
         # Ray is already running (``_start_ray``), so Flower's backend uses it as it is.
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         verbose_logging=verbose,
@@ -126,9 +127,15 @@ def _start_ray(*, verbose: bool) -> None:
     """
     if ray.is_initialized():
         return
+    quiet = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
+    if os.environ.get("RAY_ADDRESS"):
+        # A running (multi-node) Ray cluster: its nodes bring their own CPUs and Python
+        # environment; Flower sizes its worker pool to the cluster's CPUs.
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+        return
     paths = [p for p in sys.path if p]
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False,
-             logging_level="INFO" if verbose else "ERROR", log_to_driver=verbose)
+    # address "local": a fresh instance, even if `ray start` left a cluster on this machine
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)

@@ -4,7 +4,7 @@ import pytest
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from client.faults import DROP, STRAGGLE, fault_of
-from server.sampling import ClientSampler
+from server.sampling import ClientSampler, simulation_slots
 from server.strategy import build_strategy
 from shared.config import RunConfig
 from shared.data.partition import is_holdout_client
@@ -40,13 +40,30 @@ def test_strategy_configures_exactly_the_drawn_nodes():
     nodes = [500 + 3 * i for i in range(20)]
     sampler = ClientSampler(nodes, config)
     drawn = sampler.sample(2, "train")
-    view = sampler.view(_Grid(nodes), drawn)
+    view = sampler.view(_Grid(nodes), sampler.assign(drawn))
     strategy = build_strategy(config, available=20)
     # FedAvg.configure_train's own sampling, applied to the view it is given
     size = max(int(len(list(view.get_node_ids())) * strategy.fraction_train),
                strategy.min_train_nodes)
     taken, _ = sample_nodes(view, strategy.min_available_nodes, size)
     assert sorted(taken) == [nodes[i] for i in drawn]
+
+
+def test_simulation_slots_serve_the_drawn_clients():
+    config = RunConfig(clients=1000, clients_per_round=5, eval_clients_per_round=8)
+    assert simulation_slots(config) == 8
+    assert simulation_slots(RunConfig(clients=10)) == 10  # all take part: one slot each
+    slots = [70 + i for i in range(8)]
+    sampler = ClientSampler(slots, config, slots=True)
+    drawn = sampler.sample(3, "train")
+    assignment = sampler.assign(drawn)
+    assert list(assignment) == slots[:5] and list(assignment.values()) == drawn
+    partitions = sampler.round_config(assignment)["partitions"]
+    assert partitions == [*drawn, -1, -1, -1]  # slot i serves partitions[i]; idle ones -1
+    assert max(drawn) > 8  # clients beyond the slot count are served
+    assert ClientSampler(slots, config).round_config({}) == {}  # deployment: nothing sent
+    with pytest.raises(FedrnnError, match="simulation slots"):
+        ClientSampler(slots[:4], config, slots=True)
 
 
 def test_one_record_clients_either_train_or_evaluate():
