@@ -15,6 +15,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -51,6 +52,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     if not config.run_id:
         config = config.replace(run_id=f"{Path(config.out).name}-{uuid.uuid4().hex[:8]}")
     random.seed(config.seed)  # Flower's strategies shuffle the drawn nodes with ``random``
+    np.random.seed(config.seed)  # Flower's user-level DP noise draws from numpy's generator
     torch.manual_seed(config.seed)
     model = build_model(config)
     arrays = ArrayRecord(model.state_dict())
@@ -74,6 +76,9 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             server_round, arrays, ConfigRecord({**flat, **sampler.round_config(trainers)}),
             sampler.view(grid, trainers)))
         updates, declined, lost = _exchange(grid, messages, "train", timeout=timeout)
+        # replies arrive in any order; summed in partition order, a seeded run repeats bit
+        # for bit
+        updates.sort(key=lambda m: trainers[m.metadata.src_node_id])
         exhausted |= {trainers[m.metadata.src_node_id] for m in declined}
         new_arrays, train_metrics = strategy.aggregate_train(server_round, updates)
         if new_arrays is not None:
@@ -87,6 +92,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             server_round, arrays, ConfigRecord({**flat, **sampler.round_config(evaluators)}),
             sampler.view(grid, evaluators))
         evaluations, _, _ = _exchange(grid, messages, "evaluate", timeout=timeout)
+        evaluations.sort(key=lambda m: evaluators[m.metadata.src_node_id])
         eval_metrics = strategy.aggregate_evaluate(server_round, evaluations) or {}
         train_metrics = train_metrics or {}
         row = {"round": server_round}
