@@ -4,11 +4,17 @@ A site receives the global weights and the run's config; it checks its privacy b
 charges the round to its ledger (durably, before training), trains with DP-SGD on its
 own records and replies with the trained weights and the metrics in ``shared.protocol``.
 The epsilon it reports is its total spend according to its ledger, across runs.
+
+Where a site's data and ledger are is the site's business, given by its node config:
+a simulated site has a ``partition-id`` into the simulation's data; a deployed site
+(``fedrnn client``) has ``data`` (its records file), ``ledger``, ``name`` and optionally
+its own ``budget-epsilon``/``budget-delta``, which override whatever the server proposes.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -22,7 +28,7 @@ from client.training import evaluate as evaluate_local
 from client.training import train as train_local
 from shared import protocol as P
 from shared.config import RunConfig
-from shared.data import ClientData, client_data
+from shared.data import ClientData, client_data, site_data
 from shared.models import SequenceModel, build_model
 from shared.privacy import calibrate_noise, sample_rate, steps_per_round
 
@@ -31,8 +37,15 @@ app = ClientApp(mods=[fault_mod])  # fault_mod: injected faults of simulations o
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config, server_round = _run_config(msg)
+    config, server_round = _run_config(msg, context)
     data = _site_data(config, msg, context)
+    if "data" in context.node_config and not config.record_level:
+        # A deployed site never releases an update without its own DP, whatever the
+        # server asks: with dp off or dp-level user, its raw update would leave the site.
+        return Message(Error(P.DECLINED_POLICY, f"site {data.name} declined: it trains only "
+                             "with record-level DP (the server asked for "
+                             f"{'no DP' if not config.dp else 'dp-level ' + config.dp_level})"),
+                       reply_to=msg)
     model = _global_model(config, msg)
     sigma = noise_multiplier(config, n_records=len(data.train))
     spent = math.inf
@@ -48,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
                 return Message(Error(P.DECLINED_BUDGET, str(exc)), reply_to=msg)
     # Only now, with the release committed to the ledger, does training on the records start.
     result = train_local(model, data.train, config, noise_multiplier=sigma,
-                         seed=_seed(config, partition_id(msg, context), server_round))
+                         seed=_seed(config, msg, context, server_round))
     if sigma is not None and result.history != [planned]:
         # Never release an update whose mechanism differs from what was charged.
         raise RuntimeError(f"DP-SGD ran {result.history}, but {planned} was charged")
@@ -67,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config, _ = _run_config(msg)
+    config, _ = _run_config(msg, context)
     data = _site_data(config, msg, context)
     metrics = evaluate_local(_global_model(config, msg), data.eval, config)
     metrics[P.UNIT_WEIGHT] = 1
@@ -90,14 +103,20 @@ def noise_multiplier(config: RunConfig, *, n_records: int) -> float | None:
                            accountant=config.accountant)
 
 
-def _run_config(msg: Message) -> tuple[RunConfig, int]:
+def _run_config(msg: Message, context: Context) -> tuple[RunConfig, int]:
     values = dict(msg.content[P.CONFIG])
     server_round = int(values.pop(P.ROUND, 0))
     values.pop(P.PARTITIONS, None)  # simulation slots: read by ``partition_id``
+    for key in ("budget-epsilon", "budget-delta"):  # the site's own limits win
+        if key in context.node_config:
+            values[key] = float(context.node_config[key])
     return RunConfig.from_flat(values), server_round
 
 
 def _site_data(config: RunConfig, msg: Message, context: Context) -> ClientData:
+    if "data" in context.node_config:
+        return site_data(config, str(context.node_config["data"]),
+                         name=str(context.node_config.get("name", "")))
     return client_data(config, partition_id(msg, context))
 
 
@@ -115,5 +134,10 @@ def ledger_path(config: RunConfig, context: Context, site: str) -> Path:
     return config.ledger_root / f"{site}.sqlite"
 
 
-def _seed(config: RunConfig, partition: int, server_round: int) -> int:
-    return (config.seed * 1_000_003 + partition * 10_007 + server_round) % 2**31
+def _seed(config: RunConfig, msg: Message, context: Context, server_round: int) -> int:
+    """Simulations are reproducible from the run's seed. A deployed site seeds from the OS:
+    the run's seed is the server's, and noise the server can regenerate protects nothing."""
+    if "data" in context.node_config:
+        return secrets.randbits(31)
+    return (config.seed * 1_000_003 + partition_id(msg, context) * 10_007
+            + server_round) % 2**31

@@ -20,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from server import checkpoint
 from server.records import RunRecord
 from server.sampling import (
     ClientSampler,
@@ -56,25 +57,36 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     torch.manual_seed(config.seed)
     model = build_model(config)
     arrays = ArrayRecord(model.state_dict())
-    strategy = build_strategy(config, available=config.clients)
-    record = RunRecord(config.out, config)
-    flat = config.to_flat()
+    strategy = build_strategy(config, available=config.clients,
+                              server_draws=is_simulation(grid))
     user_history: History = []
     exhausted: set[int] = set()  # partition ids of sites that declined for lack of budget
+    first_round = 1
+    saved = checkpoint.load(config.out)
+    if saved is not None:
+        # A restarted server goes on from the last round it completed.
+        arrays = ArrayRecord(saved.weights)
+        checkpoint.restore_strategy(strategy, saved.strategy)
+        checkpoint.restore_rng(saved.rng)
+        user_history = list(saved.user_history)
+        first_round = saved.server_round + 1
+        log.info("resuming %s after round %d", config.out, saved.server_round)
+    record = RunRecord(config.out, config, resume_after=first_round - 1)
+    flat = config.to_flat()
     log.info("run directory %s", record.dir)
-    slots = is_simulation(grid)  # simulated nodes are worker slots (server.sampling)
-    wait_for_nodes(grid, simulation_slots(config) if slots else config.clients)
-    if hasattr(grid, "pull_interval"):  # the Simulation Engine's grid polls for replies;
+    sampler = None  # a deployment: Flower's strategy samples the connected sites itself
+    if is_simulation(grid):  # the server draws the clients; the nodes are worker slots
+        wait_for_nodes(grid, simulation_slots(config))
         grid.pull_interval = 0.01  # its 0.1 s default idles up to 0.2 s of every round
-    sampler = ClientSampler(nodes_in_partition_order(grid), config, slots=slots)
+        sampler = ClientSampler(nodes_in_partition_order(grid), config, slots=True)
     timeout = config.round_timeout or None
 
-    for server_round in range(1, config.rounds + 1):
+    for server_round in range(first_round, config.rounds + 1):
         started = time.monotonic()
-        trainers = sampler.assign(sampler.sample(server_round, "train"))
-        messages = list(strategy.configure_train(
-            server_round, arrays, ConfigRecord({**flat, **sampler.round_config(trainers)}),
-            sampler.view(grid, trainers)))
+        phase_config, phase_grid, trainers = _participants(sampler, grid, flat, server_round,
+                                                           "train")
+        messages = list(strategy.configure_train(server_round, arrays, phase_config, phase_grid))
+        trainers = trainers or {m.metadata.dst_node_id: m.metadata.dst_node_id for m in messages}
         updates, declined, lost = _exchange(grid, messages, "train", timeout=timeout)
         # replies arrive in any order; summed in partition order, a seeded run repeats bit
         # for bit
@@ -87,10 +99,12 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                 user_history.append(user_level_release(
                     config, received=len(updates), sampled=len(messages),
                     available=config.clients))
-        evaluators = sampler.assign(sampler.sample(server_round, "evaluate"))
-        messages = strategy.configure_evaluate(
-            server_round, arrays, ConfigRecord({**flat, **sampler.round_config(evaluators)}),
-            sampler.view(grid, evaluators))
+        phase_config, phase_grid, evaluators = _participants(sampler, grid, flat, server_round,
+                                                             "evaluate")
+        messages = list(strategy.configure_evaluate(server_round, arrays, phase_config,
+                                                    phase_grid))
+        evaluators = evaluators or {m.metadata.dst_node_id: m.metadata.dst_node_id
+                                    for m in messages}
         evaluations, _, _ = _exchange(grid, messages, "evaluate", timeout=timeout)
         evaluations.sort(key=lambda m: evaluators[m.metadata.src_node_id])
         eval_metrics = strategy.aggregate_evaluate(server_round, evaluations) or {}
@@ -110,11 +124,17 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                                           accountant=config.accountant)
         row["clients"] = len(updates)
         row["declined"] = len(declined)
-        # partition ids of sampled sites whose update never arrived (failed, or too late)
-        row["dropped"] = sorted(trainers[n] for n in lost["failed"])
+        # sampled sites whose update never arrived: how many, and which (partition ids),
+        # failed or silent past the round timeout
+        row["dropped"] = len(lost["failed"]) + len(lost["timed_out"])
+        row["dropped_ids"] = sorted(trainers[n] for n in lost["failed"] + lost["timed_out"])
         row["timed_out"] = sorted(trainers[n] for n in lost["timed_out"])
         row["seconds"] = round(time.monotonic() - started, 3)
         record.add_round(row)
+        checkpoint.save(record.dir, checkpoint.Checkpoint(
+            server_round=server_round, weights=arrays.to_torch_state_dict(),
+            strategy=checkpoint.strategy_state(strategy), user_history=list(user_history),
+            rng=checkpoint.rng_state()))
         log.info("%s", _progress_line(row, config))
         if len(exhausted) >= config.clients:
             log.warning("every site's privacy budget is spent: stopping after round %d "
@@ -138,9 +158,12 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         "budget_delta": config.site_budget[1] if config.record_level else None,
         "sites_out_of_budget": len(exhausted),
         # absolute, so that an audit run from another directory finds the ledgers
-        "ledger_dir": str(config.ledger_root.resolve()) if config.record_level else None,
+        # (None when deployed: each site keeps its ledger on its own disk)
+        "ledger_dir": (str(config.ledger_root.resolve())
+                       if config.record_level and config.ledger_root.is_dir() else None),
         "user_level": _user_level_summary(config, user_history),
     })
+    (record.dir / checkpoint.CHECKPOINT).unlink(missing_ok=True)  # summary.json marks the end
     if exhausted:
         log.warning("%d of %d sites ran out of privacy budget and declined to train",
                     len(exhausted), config.clients)
@@ -160,14 +183,30 @@ def _user_level_summary(config: RunConfig, history: History) -> dict | None:
     }
 
 
+def _participants(sampler: ClientSampler | None, grid: Grid, flat: dict, server_round: int,
+                  phase: str) -> tuple[ConfigRecord, Grid, dict[int, int] | None]:
+    """A phase's config, the grid its strategy samples from, and node -> partition id.
+
+    In a simulation the server's seeded draw: a view of just the drawn nodes, whose config
+    lists the partition each slot serves. On a deployment (no sampler) the whole grid:
+    Flower's strategy waits for and samples the connected sites, each serving itself
+    (the mapping is then node -> node id, known once the messages exist).
+    """
+    if sampler is None:
+        return ConfigRecord(flat), grid, None
+    assignment = sampler.assign(sampler.sample(server_round, phase))
+    return (ConfigRecord({**flat, **sampler.round_config(assignment)}),
+            sampler.view(grid, assignment), assignment)
+
+
 def _exchange(grid: Grid, messages, phase: str, *, timeout: float | None = None,
               ) -> tuple[list[Message], list[Message], dict[str, list[int]]]:
     """Send one phase's messages; returns (replies with content, budget declines, lost),
-    ``lost`` being the node ids that failed (``failed``) or did not reply within
+    ``lost`` being the node ids that failed (``failed``) or sent no reply within
     ``timeout`` seconds (``timed_out``).
 
     A decline is a site's refusal, not a failure: it is logged with the site's reason.
-    Failures are logged, and fatal only if every site failed.
+    Failures are logged, and fatal only if every site failed (injected dropouts aside).
     """
     messages = list(messages)
     if not messages:
@@ -185,10 +224,12 @@ def _exchange(grid: Grid, messages, phase: str, *, timeout: float | None = None,
     replied = {m.metadata.src_node_id for m in replies}
     late = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]
     if late:
-        log.info("%s: %d site(s) did not reply within %s s", phase, len(late), timeout)
+        log.warning("%d site(s) sent no %s reply within the round timeout (%gs): the round "
+                    "goes on without them", len(late), phase, timeout)
     injected = any(m.error.code == P.DROPPED_OUT for m in failed)
-    if failed and not ok and not declined and not injected:
-        raise FedrnnError(f"every client failed to {phase}; first error: {failed[0].error.reason}")
+    if not ok and not declined and (failed or late) and not injected:
+        first = failed[0].error.reason if failed else "no site replied in time"
+        raise FedrnnError(f"every client failed to {phase}; first error: {first}")
     return ok, declined, {"failed": [m.metadata.src_node_id for m in failed], "timed_out": late}
 
 
@@ -196,8 +237,8 @@ def _progress_line(row: dict, config: RunConfig) -> str:
     parts = [f"round {row['round']:>3}/{config.rounds}", f"clients {row['clients']}"]
     if row.get("declined"):
         parts.append(f"declined {row['declined']} (budget)")
-    if row.get("dropped") or row.get("timed_out"):
-        parts.append(f"lost {len(row['dropped'])} dropped, {len(row['timed_out'])} late")
+    if row.get("dropped"):
+        parts.append(f"dropped {row['dropped']}")
     for name in METRICS[config.task]:
         value = row.get(name)
         if isinstance(value, float) and not math.isnan(value):

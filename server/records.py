@@ -4,7 +4,8 @@
 - ``metrics.jsonl``: one JSON object per round, appended as each round ends;
 - ``summary.json``: ``final`` metrics and the ``privacy`` spent;
 - ``model.pt``: the final global ``state_dict``;
-- ``metrics.png``: the task's metrics and epsilon over rounds.
+- ``metrics.png``: the task's metrics and epsilon over rounds;
+- ``checkpoint.pt``: the state after the last completed round (``server.checkpoint``).
 Files are written to a temporary name and renamed, so none is ever half-written.
 """
 
@@ -35,13 +36,21 @@ def _json_value(value: Any) -> Any:
 class RunRecord:
     """Writes one run directory. Create it before round 1; call ``add_round`` after each."""
 
-    def __init__(self, out_dir: str | Path, config: RunConfig) -> None:
+    def __init__(self, out_dir: str | Path, config: RunConfig, *, resume_after: int = 0) -> None:
+        """A new record, or with ``resume_after`` N the existing one cut back to its first
+        N rounds (a round logged after the last checkpoint is run again)."""
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.rows: list[dict[str, Any]] = []
-        write_atomic(self.dir / "config.toml", dump_toml(config).encode())
-        (self.dir / "metrics.jsonl").write_text("")
+        if resume_after:
+            with (self.dir / "metrics.jsonl").open() as fh:
+                rows = [json.loads(line) for line in fh if line.strip()]
+            self.rows = [r for r in rows if r["round"] <= resume_after]
+        else:
+            write_atomic(self.dir / "config.toml", dump_toml(config).encode())
+        write_atomic(self.dir / "metrics.jsonl",
+                     "".join(json.dumps(r) + "\n" for r in self.rows).encode())
 
     def add_round(self, row: dict[str, Any]) -> None:
         row = {k: _json_value(v) for k, v in row.items()}

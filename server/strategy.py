@@ -20,12 +20,15 @@ EPSILON_MAX = "epsilon-max"
 CLIENTS = "clients"
 
 
-def build_strategy(config: RunConfig, *, available: int) -> Strategy:
+def build_strategy(config: RunConfig, *, available: int,
+                   server_draws: bool = True) -> Strategy:
     """Train on ``clients-per-round`` of ``available`` sites and evaluate on
     ``eval-clients-per-round`` of them (0: as many as train; both 0: all).
 
-    Which sites is decided by ``server.sampling.ClientSampler``, which hands the strategy a
-    grid showing only the drawn nodes; the strategy then takes all of them (fraction 1).
+    ``server_draws`` (simulation): ``server.sampling.ClientSampler`` decides which sites,
+    handing the strategy a grid that shows only the drawn nodes, so the strategy takes all
+    of them (fraction 1). Otherwise (deployment) Flower's strategy waits for enough
+    connected sites and samples them itself.
 
     With user-level DP, Flower's ``DifferentialPrivacyServerSideFixedClipping`` wraps the
     strategy: each site's whole update is clipped to ``user-clip-norm`` and Gaussian noise
@@ -37,10 +40,15 @@ def build_strategy(config: RunConfig, *, available: int) -> Strategy:
     if train_k > available or eval_k > available:
         raise ConfigError(f"clients-per-round ({train_k}) and eval-clients-per-round "
                           f"({eval_k}) cannot exceed the {available} available clients")
+    if server_draws:
+        sampling = dict(fraction_train=1.0, min_train_nodes=train_k, fraction_evaluate=1.0,
+                        min_evaluate_nodes=eval_k, min_available_nodes=0)
+    else:  # Flower samples max(int(fraction * available), min_nodes): the minimum decides
+        sampling = dict(fraction_train=train_k / available, min_train_nodes=train_k,
+                        fraction_evaluate=eval_k / available, min_evaluate_nodes=eval_k,
+                        min_available_nodes=max(train_k, eval_k))
     common = dict(
-        fraction_train=1.0, min_train_nodes=train_k,
-        fraction_evaluate=1.0, min_evaluate_nodes=eval_k,
-        min_available_nodes=0,
+        **sampling,
         weighted_by_key=P.UNIT_WEIGHT if config.user_level else P.NUM_EXAMPLES,
         arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG,
         train_metrics_aggr_fn=aggregate_metrics,

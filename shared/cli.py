@@ -28,6 +28,21 @@ EPILOG_SIMULATE = """examples:
 """
 
 
+EPILOG_SERVER = """examples:
+  fedrnn certs certs --host fedrnn.example.org --clients 3
+  fedrnn server --certificates certs --min-clients 3 --rounds 10 --out runs/hospitals
+  fedrnn server --certificates certs --require-auth certs --task classify \\
+                --labels spam,ham --model lstm        # sites bring their own messages
+"""
+
+EPILOG_CLIENT = """examples:
+  fedrnn client --server fedrnn.example.org:9092 --root-cert ca.crt \\
+                --data records.csv --ledger site.sqlite --budget-epsilon 8
+  fedrnn client --server 127.0.0.1:9092 --root-cert certs/ca.crt --auth-key site-1.key \\
+                --data sites/site-1.csv --ledger ledgers/site-1.sqlite
+"""
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = RunConfig()
     for f in fields(RunConfig):
@@ -68,6 +83,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
         return main_sweep(config_from_args(args), args.sweep, verbose=args.verbose)
     out = simulate(config_from_args(args), verbose=args.verbose)
+    _print_run_summary(out)
+    return 0
+
+
+def _print_run_summary(out: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items()
                       if isinstance(v, (int, float)))
@@ -89,6 +109,69 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                      f"budget and declined to train; see `fedrnn audit {out}`")
     lines.append(f"run directory: {out} (metrics.jsonl, summary.json, model.pt, metrics.png)")
     print("\n".join(lines))
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    import os
+
+    from server.deploy import ServerOptions, run_server
+
+    config = config_from_args(args)
+    if args.min_clients is not None:
+        if args.min_clients < 1:
+            raise ConfigError("--min-clients must be at least 1")
+        config = config.replace(clients=args.min_clients)
+    if not config.out:
+        from server.federation import default_out_dir
+
+        config = config.replace(out=default_out_dir())
+    os.environ["FLWR_HOME"] = str(Path(config.out).expanduser().resolve() / ".flwr")
+    options = ServerOptions(address=args.address, insecure=args.insecure,
+                            certificates=_absolute(args.certificates),
+                            require_auth=_absolute(args.require_auth))
+    out = run_server(config, options)
+    _print_run_summary(out)
+    return 0
+
+
+def _absolute(path: str | None) -> Path | None:
+    return Path(path).expanduser().resolve() if path else None
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from client.node import SiteOptions, run_site
+
+    data = Path(args.data).expanduser().resolve()
+    ledger = Path(args.ledger).expanduser().resolve()
+    options = SiteOptions(
+        server=args.server, data=data, ledger=ledger, name=args.name or data.stem,
+        budget_epsilon=args.budget_epsilon, budget_delta=args.budget_delta,
+        root_cert=_absolute(args.root_cert), auth_key=_absolute(args.auth_key),
+        insecure=args.insecure, max_wait=args.max_wait)
+    return run_site(options)
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from shared.certs import write_certificates
+
+    hosts = [h for item in args.host for h in item.split(",") if h.strip()]
+    written = write_certificates(args.directory, hosts=hosts, clients=args.clients,
+                                 overwrite=args.overwrite)
+    for path in written:
+        print(path)
+    print(f"server: fedrnn server --certificates {args.directory} ...\n"
+          f"sites:  fedrnn client --root-cert {Path(args.directory) / 'ca.crt'} ..."
+          + ("\nauth:   fedrnn server --require-auth DIR-WITH-site-*.pub; "
+             "fedrnn client --auth-key site-N.key" if args.clients else ""))
+    return 0
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from shared.data.export import write_site_files
+
+    config = config_from_args(args)
+    for path in write_site_files(config, args.out_dir):
+        print(path)
     return 0
 
 
@@ -195,6 +278,78 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     _add_scale_flags(sim)
     sim.set_defaults(func=_cmd_simulate)
+
+    srv = sub.add_parser(
+        "server", help="serve a federated run to sites across the network (Flower SuperLink)",
+        description="Start Flower's SuperLink on --address and run the fedrnn ServerApp on "
+        "it: each round waits for --min-clients sites, trains on every connected site, and "
+        "writes the same run directory as `simulate`. TLS is on unless --insecure. Restart "
+        "with the same --out to resume from the last completed round.",
+        epilog=EPILOG_SERVER, formatter_class=argparse.RawDescriptionHelpFormatter)
+    srv.add_argument("--address", default="0.0.0.0:9092", metavar="HOST:PORT",
+                     help="where sites connect (default: 0.0.0.0:9092)")
+    srv.add_argument("--min-clients", type=int, metavar="N", help="sites a round waits for "
+                     "(same as --clients; default 10)")
+    srv.add_argument("--certificates", metavar="DIR",
+                     help="directory with ca.crt, server.crt, server.key (fedrnn certs)")
+    srv.add_argument("--insecure", action="store_true",
+                     help="no TLS: weights travel in the clear (trials on one machine only)")
+    srv.add_argument("--require-auth", metavar="DIR",
+                     help="admit only sites whose public key (*.pub) is in DIR")
+    _add_config_flags(srv)
+    srv.set_defaults(func=_cmd_server)
+
+    cli = sub.add_parser(
+        "client", help="run one site: train on local records, charge the local ledger",
+        description="Connect this site to a fedrnn server (Flower SuperNode) and train on "
+        "the records in --data whenever the server asks. The site's ledger (--ledger) "
+        "records every release; a round that would exceed the site's budget is declined. "
+        "Records never leave the site; only DP-trained weights and metrics do.",
+        epilog=EPILOG_CLIENT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--server", required=True, metavar="HOST:PORT")
+    cli.add_argument("--data", required=True, metavar="PATH",
+                     help="this site's records (.jsonl/.csv, formats as `simulate --data`; "
+                     "the client column is optional and ignored)")
+    cli.add_argument("--ledger", required=True, metavar="PATH.sqlite",
+                     help="this site's privacy ledger (created if missing; keep it)")
+    cli.add_argument("--budget-epsilon", type=float, default=0.0, metavar="E",
+                     help="this site's total epsilon across runs (default: the run's target)")
+    cli.add_argument("--budget-delta", type=float, default=0.0, metavar="D",
+                     help="this site's delta budget (default: the run's delta)")
+    cli.add_argument("--root-cert", metavar="FILE", help="CA certificate that signed the "
+                     "server's certificate (ca.crt from fedrnn certs)")
+    cli.add_argument("--auth-key", metavar="FILE",
+                     help="this site's private key, when the server requires auth")
+    cli.add_argument("--name", help="site name in logs and the ledger (default: data file name)")
+    cli.add_argument("--insecure", action="store_true", help="no TLS (trials only)")
+    cli.add_argument("--max-wait", type=float, default=0.0, metavar="SECONDS",
+                     help="give up if the server cannot be reached for this long "
+                     "(default: keep trying)")
+    cli.set_defaults(func=_cmd_client)
+
+    certs = sub.add_parser(
+        "certs", help="write development TLS certificates and site keys",
+        description="Write a development CA (ca.crt, ca.key), a server certificate "
+        "(server.crt, server.key) for localhost and every --host, and with --clients N the "
+        "key pairs site-1.key/.pub ... for --require-auth. For production, use certificates "
+        "from your organisation's CA (README).")
+    certs.add_argument("directory", metavar="DIR")
+    certs.add_argument("--host", action="append", default=[], metavar="NAME",
+                       help="another name or IP the server is reached at (repeatable, or "
+                       "comma-separated)")
+    certs.add_argument("--clients", type=int, default=0, metavar="N",
+                       help="also write N site key pairs")
+    certs.add_argument("--overwrite", action="store_true", help="replace existing files")
+    certs.set_defaults(func=_cmd_certs)
+
+    split = sub.add_parser(
+        "split", help="write a dataset's clients as one records file per site",
+        description="Partition a dataset exactly as `simulate` would and write each "
+        "client's records to its own file in OUT_DIR, in the format `client --data` reads: "
+        "sites for a trial deployment.")
+    split.add_argument("out_dir", metavar="OUT_DIR")
+    _add_config_flags(split)
+    split.set_defaults(func=_cmd_split)
 
     budget = sub.add_parser(
         "budget", help="plan a DP-SGD run: epsilon for a noise level, or the reverse",

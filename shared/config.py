@@ -77,9 +77,8 @@ class RunConfig:
     dropout_rate: float = _opt(0.0, "share of sampled sites that fail mid-round: after charging "
                                "their ledger and training, before replying")
     straggler_rate: float = _opt(0.0, "share of sampled sites that reply straggler-delay late")
-    straggler_delay: float = _opt(30.0, "seconds a straggler's reply is late")
-    round_timeout: float = _opt(0.0, "seconds the server waits for each phase's replies "
-                                "(0 = no limit); later replies are left out")
+    straggler_delay: float = _opt(30.0, "seconds a straggler's reply is late (see "
+                                  "round-timeout)")
     # --- privacy ----------------------------------------------------------------------------
     dp: bool = _opt(True, "train with DP-SGD (false: non-private baseline)")
     epsilon: float = _opt(8.0, "target record-level epsilon per site over the whole run")
@@ -98,6 +97,8 @@ class RunConfig:
     ledger_dir: str = _opt("", "directory of the sites' privacy ledgers, one SQLite file per "
                            "site (default <out>/ledgers); reuse it to carry budgets across runs")
     # --- run --------------------------------------------------------------------------------
+    round_timeout: float = _opt(0.0, "seconds a round waits for the sampled sites' replies; "
+                                "sites that miss it are dropped from the round (0: no limit)")
     seed: int = _opt(0, "random seed (data split, model init, sampling, noise)")
     out: str = _opt("", "run directory (default runs/<time>)")
     run_id: str = _opt("", "name of the run in the ledgers (default: from the run directory)")
@@ -132,6 +133,8 @@ class RunConfig:
         if self.dp_level in ("user", "both") and (self.user_noise_multiplier <= 0
                                                   or self.user_clip_norm <= 0):
             problems.append("user-noise-multiplier and user-clip-norm must be positive")
+        if not self.round_timeout >= 0:
+            problems.append("round-timeout must be >= 0")
         if not (0 < self.eval_fraction < 1):
             problems.append("eval-fraction must be in (0, 1)")
         if not (0 <= self.dropout < 1):
@@ -140,8 +143,8 @@ class RunConfig:
             problems.append("lr, server-lr and dirichlet-alpha must be positive")
         if not (0 <= self.dropout_rate < 1 and 0 <= self.straggler_rate < 1):
             problems.append("dropout-rate and straggler-rate must be in [0, 1)")
-        if self.straggler_delay < 0 or self.round_timeout < 0:
-            problems.append("straggler-delay and round-timeout must be >= 0")
+        if self.straggler_delay < 0:
+            problems.append("straggler-delay must be >= 0")
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -21,4 +21,5 @@ STEPS = "steps"
 
 # Error codes of replies that carry no update
 DECLINED_BUDGET = 4030  # the site's privacy budget does not allow this round
+DECLINED_POLICY = 4031  # the site refuses the run's settings (e.g. no record-level DP)
 DROPPED_OUT = 5030  # injected fault (simulation): the site failed after training

@@ -30,6 +30,9 @@ def test_strategy_takes_every_drawn_client():
     assert isinstance(strategy, FedAvg) and strategy.min_train_nodes == 3
     assert strategy.fraction_train == 1.0 and strategy.min_evaluate_nodes == 3
     assert build_strategy(RunConfig(), available=10).min_evaluate_nodes == 10
+    # on a deployment Flower's strategy samples (and waits for) the connected sites itself
+    deployed = build_strategy(RunConfig(clients_per_round=3), available=10, server_draws=False)
+    assert deployed.fraction_train == 0.3 and deployed.min_available_nodes == 3
     assert isinstance(build_strategy(RunConfig(strategy="fedadam"), available=4), FedAdam)
     with pytest.raises(ConfigError, match="cannot exceed"):
         build_strategy(RunConfig(clients_per_round=11), available=10)

@@ -39,10 +39,11 @@ def test_dropouts_are_recorded_and_still_charged(tmp_path):
     assert main([*COMMON, "--rounds", "3", "--dropout-rate", "0.5", "--out", str(out)]) == 0
     rows = _rows(out)
     charged = _charged_rounds(out)
-    dropped = [(row["round"], p) for row in rows for p in row["dropped"]]
+    dropped = [(row["round"], p) for row in rows for p in row["dropped_ids"]]
     assert dropped, "with half the sites failing, some must have dropped out"
     for row in rows:
-        assert row["clients"] + len(row["dropped"]) == 3  # aggregated what arrived
+        assert row["clients"] + row["dropped"] == 3  # aggregated what arrived
+        assert len(row["dropped_ids"]) == row["dropped"] and row["timed_out"] == []
     for server_round, partition in dropped:
         assert server_round in charged[f"site-{partition}"]  # failed after the charge
     assert sum(len(r) for r in charged.values()) == 9  # every sampled site charged once
@@ -71,6 +72,7 @@ def test_stragglers_past_the_round_timeout_are_left_out(tmp_path):
     assert main([*COMMON, "--rounds", "1", "--seed", str(seed), "--straggler-rate", "0.3",
                  "--straggler-delay", "40", "--round-timeout", "15", "--out", str(out)]) == 0
     row = _rows(out)[0]
-    assert len(row["timed_out"]) == 1 and row["clients"] == 2 and row["dropped"] == []
+    assert len(row["timed_out"]) == 1 and row["clients"] == 2 and row["dropped"] == 1
+    assert row["dropped_ids"] == row["timed_out"]
     late = row["timed_out"][0]
     assert _charged_rounds(out)[f"site-{late}"] == [1]  # it trained and charged, too late

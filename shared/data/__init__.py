@@ -3,7 +3,8 @@
 Public surface:
 - ``resolve(config)``: check the data against the task; fill ``labels``/``features``;
 - ``partition_corpus(config)``: client names and their record indices (simulation);
-- ``client_data(config, partition_id)``: one client's train/eval tensors, cached per process.
+- ``client_data(config, partition_id)``: one client's train/eval tensors, cached per process;
+- ``site_data(config, path)``: a deployed site's train/eval tensors from its own file.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from shared.data.tensors import SequenceTensors, encode_series, encode_text, loc
 from shared.data.tokenizers import make_tokenizer
 from shared.errors import DataError
 
-__all__ = ["ClientData", "Corpus", "SequenceTensors", "client_data", "load_corpus",
-           "partition_corpus", "resolve"]
+__all__ = ["ClientData", "Corpus", "SequenceTensors", "check_schema", "client_data",
+           "load_corpus", "partition_corpus", "resolve", "site_data"]
 
 
 def load_corpus(config: RunConfig) -> Corpus:
@@ -59,7 +60,12 @@ def resolve(config: RunConfig) -> RunConfig:
     every site must share to train one model. In a simulation the researcher holds all
     records, so reading them off the file is the same as fixing them in advance.
     """
-    corpus = load_corpus(config)
+    return check_schema(load_corpus(config), config)
+
+
+def check_schema(corpus: Corpus, config: RunConfig) -> RunConfig:
+    """``resolve`` for a corpus already read: check it against the task and the run's schema
+    (where the run fixes one) and fill in what the run leaves open."""
     source = corpus.source
     if config.task == "lm" and corpus.kind != "text":
         raise DataError(source, "task lm needs text records (a 'text' column); this file holds "
@@ -93,6 +99,39 @@ def _check_subset(source: str, what: str, found: list[str], allowed: list[str]) 
     if unknown:
         raise DataError(source, f"{what}(s) {', '.join(unknown)} are not among the run's "
                                 f"{what}s {', '.join(allowed)}")
+
+
+def site_data(config: RunConfig, path: str | Path, *, name: str = "") -> ClientData:
+    """A deployed site's tensors: every record in its own file is its own (a ``client``
+    column, if present, is ignored). Read once per process and reused across rounds.
+
+    The run's schema comes from the server: a file whose kind, feature columns or labels
+    do not fit it is refused with a message naming the file.
+    """
+    path = Path(path).expanduser().resolve()
+    stamp = path.stat().st_mtime_ns if path.exists() else 0
+    return _site_data_cached(_data_only(config), str(path), stamp, name or path.stem)
+
+
+@functools.lru_cache(maxsize=2)
+def _site_data_cached(config: RunConfig, path: str, _mtime: int, name: str) -> ClientData:
+    corpus = _read_cached(path, _mtime)
+    if corpus.kind == "series" and not config.features:
+        raise DataError(path, "holds numeric sequences, but the server's run is on text "
+                              "(it sets no --features)")
+    if corpus.kind == "text" and config.features:
+        raise DataError(path, f"holds text, but the server's run is on numeric sequences "
+                              f"(features {config.features})")
+    config = check_schema(corpus, config)
+    every = np.arange(len(corpus), dtype=np.int64)
+    if len(every) < 2:
+        raise DataError(path, f"holds {len(every)} record(s); a site needs at least 2 "
+                              "(one to train on, one to evaluate)")
+    train_idx, eval_idx = train_eval_split(every, eval_fraction=config.eval_fraction,
+                                           seed=config.seed)
+    train, evaluation = encode_split(corpus, config, train_idx, eval_idx)
+    return ClientData(name=name, train=train, eval=evaluation,
+                      fingerprint=fingerprint(corpus, every))
 
 
 def partition_corpus(config: RunConfig) -> tuple[list[str], list[np.ndarray]]:

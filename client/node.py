@@ -1,0 +1,313 @@
+"""``fedrnn client``: one deployed site, a Flower SuperNode plus one long-lived ClientApp.
+
+Flower's SuperNode holds the connection to the server (TLS, node authentication,
+reconnection). In its default ``subprocess`` isolation it starts a fresh ``flwr-clientapp``
+process for every message, which here means importing torch and reading the site's
+records again for every train and every evaluate message: seconds per round that
+training does not need. So the SuperNode runs with ``--isolation process`` and this
+process is its executor: it claims each task from the SuperNode's local Runtime API and
+runs fedrnn's ClientApp in-process, with Flower's own task functions
+(``pull_task_input``/``push_message``/``push_task_output``, the same calls
+``flwr-clientapp`` makes). Torch is imported and the records are read once.
+
+The site's records, ledger and budget reach the ClientApp as the SuperNode's node config
+(``data``, ``ledger``, ``name``, ``budget-epsilon``, ``budget-delta``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import ConfigError, FedrnnError
+from shared.processes import die_with_parent
+
+log = logging.getLogger("fedrnn")
+
+POLL_SECONDS = 0.2  # how often an idle site asks its SuperNode for work
+
+
+@dataclass(frozen=True)
+class SiteOptions:
+    server: str
+    data: Path
+    ledger: Path
+    name: str
+    budget_epsilon: float = 0.0
+    budget_delta: float = 0.0
+    root_cert: Path | None = None
+    auth_key: Path | None = None
+    insecure: bool = False
+    max_wait: float = 0.0  # give up connecting after this many seconds (0: keep trying)
+
+    def node_config(self) -> str:
+        values = {"data": str(self.data), "ledger": str(self.ledger), "name": self.name}
+        if self.budget_epsilon:
+            values["budget-epsilon"] = self.budget_epsilon
+        if self.budget_delta:
+            values["budget-delta"] = self.budget_delta
+        # Flower parses node config as TOML values: strings quoted, numbers bare.
+        return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def check_options(options: SiteOptions) -> None:
+    """Everything that can be checked before connecting; each problem is one clear error."""
+    if ":" not in options.server:
+        raise ConfigError(f"--server {options.server!r}: expected HOST:PORT")
+    if not options.insecure:
+        if options.root_cert is None:
+            raise ConfigError("--root-cert CA.crt is required to verify the server "
+                              "(or --insecure, which sends weights in the clear)")
+        if not options.root_cert.is_file():
+            raise ConfigError(f"--root-cert {options.root_cert}: file not found")
+    if options.auth_key is not None:
+        if not options.auth_key.is_file():
+            raise ConfigError(f"--auth-key {options.auth_key}: file not found")
+        if options.insecure:
+            raise ConfigError("--auth-key needs TLS: drop --insecure and give --root-cert")
+    if not options.ledger.parent.is_dir():
+        raise ConfigError(f"--ledger {options.ledger}: directory {options.ledger.parent} "
+                          "does not exist")
+    if options.budget_epsilon < 0 or not 0 <= options.budget_delta < 1:
+        raise ConfigError("--budget-epsilon must be >= 0 and --budget-delta in [0, 1)")
+
+
+def read_site_records(options: SiteOptions) -> int:
+    """Read and check the records file now, so a bad file fails before connecting."""
+    from shared.data.readers import read_file
+
+    corpus = read_file(options.data)
+    if len(corpus) < 2:
+        from shared.errors import DataError
+
+        raise DataError(options.data, f"holds {len(corpus)} record(s); a site needs at least 2")
+    return len(corpus)
+
+
+def run_site(options: SiteOptions) -> int:
+    """Serve the site until it is stopped, or cannot go on; returns the exit status.
+
+    A SuperNode exits when it loses an established connection (the server stopped or
+    crashed); the site then starts a new one, which waits for the server to come back,
+    so a restarted server finds its sites again. Only ``--max-wait`` seconds without a
+    server, or a problem retrying cannot fix (certificate, key), end the site.
+    """
+    check_options(options)
+    n_records = read_site_records(options)
+    log.info("site %s: %d records in %s, ledger %s", options.name, n_records, options.data,
+             options.ledger)
+    # Imported before connecting: the first round must not wait for torch.
+    import client.app  # noqa: F401
+
+    last_contact = time.monotonic()
+    while True:
+        watcher = _session(options)
+        fatal = [p for p in watcher.problems if p not in watcher.TRANSIENT]
+        if fatal:
+            raise FedrnnError(f"site {options.name} stopped: {'; '.join(fatal)}")
+        if watcher.connected.is_set():
+            last_contact = time.monotonic()
+        elif not watcher.problems and watcher.process.returncode != 0:
+            tail = "\n".join(watcher.lines[-5:])
+            raise FedrnnError(f"site {options.name} stopped: Flower's SuperNode exited "
+                              f"(code {watcher.process.returncode}):\n{tail}")
+        if options.max_wait and time.monotonic() - last_contact >= options.max_wait:
+            raise FedrnnError(f"site {options.name} stopped: the server at {options.server} "
+                              f"could not be reached for {options.max_wait:g}s")
+        log.warning("lost the connection to %s; reconnecting", options.server)
+        time.sleep(1.0)
+
+
+def _session(options: SiteOptions) -> _SuperNodeLog:
+    """One SuperNode's life: connect, serve tasks until it exits; returns its log."""
+    port = _free_port()
+    supernode = subprocess.Popen(_supernode_command(options, port), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                 preexec_fn=die_with_parent())
+    watcher = _SuperNodeLog(supernode)
+    watcher.start()
+    try:
+        _serve(port, supernode)
+    finally:
+        if supernode.poll() is None:
+            supernode.terminate()
+            try:
+                supernode.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                supernode.kill()
+        supernode.wait()
+        watcher.join(timeout=5)
+    return watcher
+
+
+def _supernode_command(options: SiteOptions, port: int) -> list[str]:
+    cmd = [_flower_bin("flower-supernode"), "--superlink", options.server,
+           "--isolation", "process", "--host", "127.0.0.1", "--port", str(port),
+           "--node-config", options.node_config()]
+    if options.insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(options.root_cert)]
+    if options.auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(options.auth_key)]
+    if options.max_wait:
+        cmd += ["--max-wait-time", str(options.max_wait)]
+    log.debug("starting %s", shlex.join(cmd))
+    return cmd
+
+
+def _flower_bin(name: str) -> str:
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else name
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _SuperNodeLog(threading.Thread):
+    """Relays the SuperNode's log as the site's own, in plain words, and remembers the
+    reasons it gave up (a refused certificate, an unknown key, an unreachable server)."""
+
+    SIGNS = {
+        "CERTIFICATE_VERIFY_FAILED": "the server's TLS certificate is not signed by "
+                                     "--root-cert (wrong CA file, or not the right server)",
+        "WRONG_VERSION_NUMBER": "the server does not speak TLS (was it started with "
+                                "--insecure?)",
+        "Unable to parse the private key": "--auth-key is not an ECDSA private key in "
+                                           "OpenSSH format (fedrnn certs writes one)",
+        "Failed to activate SuperNode": "the server refused this site: its key is not among "
+                                        "the server's authorised keys (--require-auth)",
+        "SuperNode authentication is enabled": "the server admits only authorised sites: "
+                                               "give this site's key with --auth-key",
+        "Connection attempt failed": "cannot reach the server yet; still trying",
+    }
+    TRANSIENT = {"cannot reach the server yet; still trying"}
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        super().__init__(daemon=True, name="supernode-log")
+        self.process = process
+        self.problems: list[str] = []
+        self.lines: list[str] = []
+        self.connected = threading.Event()
+
+    def run(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            line = line.rstrip()
+            self.lines = [*self.lines[-50:], line]
+            for sign, meaning in self.SIGNS.items():
+                if sign in line and meaning not in self.problems:
+                    self.problems.append(meaning)
+                    if meaning in self.TRANSIENT:  # fatal ones end the site with this text
+                        log.warning("%s", meaning)
+            if "Connection successful" in line and self.TRANSIENT & set(self.problems):
+                self.problems = [p for p in self.problems if p not in self.TRANSIENT]
+            if "SuperNode ID" in line:
+                self.connected.set()
+                log.info("connected to the server (%s)", line.split("SuperNode ID", 1)[1]
+                         .strip(" :"))
+            log.debug("supernode: %s", line)
+
+
+def _serve(port: int, supernode: subprocess.Popen) -> None:
+    """Claim and run the SuperNode's tasks while it lives."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    runtime_address = f"127.0.0.1:{port}"
+    # No retry invoker: while the SuperNode is not connected, asking again next poll is
+    # the retry, and a SuperNode that gave up must be noticed, not retried forever.
+    runtime = RuntimeHttpClient.from_server_address(
+        server_address=runtime_address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    try:
+        while supernode.poll() is None:
+            try:
+                response = runtime.AcquireTask(request)
+            except Exception as exc:  # the SuperNode's API is not up yet, or is going down
+                log.debug("runtime API not ready: %s", exc)
+                time.sleep(POLL_SECONDS)
+                continue
+            if response.HasField("task") and response.token:
+                run_task(runtime_address, response.token)
+            else:
+                time.sleep(POLL_SECONDS)
+    finally:
+        runtime.close()
+
+
+def run_task(runtime_address: str, token: str) -> None:
+    """Run one claimed task (one message) through fedrnn's ClientApp, in this process.
+
+    Mirrors ``flwr.supernode.runtime.run_clientapp`` minus its per-process parts (FAB
+    install, dependency install, ``sys.exit``): the app is the installed fedrnn.
+    """
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import (
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+
+    from client.app import app as client_app
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=make_simple_http_retry_invoker())
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    context = None
+    status, details = SubStatus.FAILED, "fedrnn ClientApp failed"
+    try:
+        message, context, _run, _fab = pull_task_input(client)
+        started = time.monotonic()
+        try:
+            reply = client_app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+        except Exception as exc:  # the site's own failure: report it to the server, go on
+            log.error("%s failed: %s", message.metadata.message_type, exc,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                  reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            details = str(exc)
+        if reply.has_error() and status == SubStatus.COMPLETED:
+            log.warning("%s", reply.error.reason)  # a decline, e.g. the budget is spent
+        else:
+            log.info("%s %s in %.1fs", message.metadata.message_type,
+                     "done" if status == SubStatus.COMPLETED else "failed",
+                     time.monotonic() - started)
+        push_message(client, reply, context)
+    finally:
+        push_task_output(client=client, context=context, sub_status=status, details=details)
+        heartbeat.stop()
+        client.close()

@@ -1,0 +1,268 @@
+"""Deployment end to end on loopback: real `fedrnn server` / `fedrnn client` processes,
+Flower's SuperLink and SuperNodes, TLS, node authentication, kills and restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from shared.certs import write_certificates
+from shared.cli import main
+from shared.config import RunConfig
+from shared.data import site_data
+from shared.data.readers import read_file
+
+SMALL = ["--dataset", "synthetic", "--task", "classify", "--hidden-size", "8",
+         "--batch-size", "16"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Proc:
+    """A fedrnn CLI process whose output goes to a file the test can search."""
+
+    def __init__(self, tmp: Path, name: str, args: list[str]) -> None:
+        self.log = tmp / f"{name}.log"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_HOME": str(tmp / f"{name}.flwr")}
+        with self.log.open("w") as fh:
+            self.process = subprocess.Popen([sys.executable, "-m", "shared.cli", *args],
+                                            stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        _until(lambda: text in self.output, timeout, f"{text!r} in {self.log.name}:\n"
+               + "\n".join(self.output.splitlines()[-20:]))
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"{self.log.name} did not end:\n{self.output[-3000:]}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _charges(ledger: Path) -> list[int]:
+    if not ledger.exists():
+        return []
+    with sqlite3.connect(ledger) as db:
+        try:
+            return [r[0] for r in db.execute("SELECT round FROM charges ORDER BY id")]
+        except sqlite3.OperationalError:  # created, tables not yet there
+            return []
+
+
+def _rounds(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["round"] for line in path.read_text().splitlines() if line]
+
+
+@pytest.fixture
+def deployment(tmp_path: Path):
+    """Certificates, three sites' records files, and every process stopped at the end."""
+    write_certificates(tmp_path / "certs", clients=4)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for i in (1, 2, 3):  # site-4's key exists but is not authorised
+        (keys / f"site-{i}.pub").write_bytes((tmp_path / "certs" / f"site-{i}.pub").read_bytes())
+    assert main(["split", str(tmp_path / "sites"), "--dataset", "synthetic",
+                 "--task", "classify", "--clients", "3"]) == 0
+    procs: list[Proc] = []
+
+    def start(name: str, *args: str) -> Proc:
+        proc = Proc(tmp_path, name, list(args))
+        procs.append(proc)
+        return proc
+
+    yield tmp_path, start
+    for proc in procs:
+        proc.stop()
+
+
+def _client(tmp: Path, site: int, port: int, *extra: str) -> list[str]:
+    return ["client", "--server", f"127.0.0.1:{port}", "--root-cert",
+            str(tmp / "certs" / "ca.crt"), "--data", str(tmp / "sites" / f"site-{site}.csv"),
+            "--ledger", str(tmp / f"site-{site}.sqlite"), *extra]
+
+
+def test_certs_cover_the_hosts_and_refuse_to_overwrite(tmp_path):
+    written = write_certificates(tmp_path, hosts=["fedrnn.example.org", "10.0.0.7"], clients=2)
+    assert {p.name for p in written} == {"ca.crt", "ca.key", "server.crt", "server.key",
+                                         "site-1.key", "site-1.pub", "site-2.key", "site-2.pub"}
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "fedrnn.example.org"} <= set(san.get_values_for_type(x509.DNSName))
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} >= {"127.0.0.1",
+                                                                             "10.0.0.7"}
+    assert (tmp_path / "site-1.key").stat().st_mode & 0o077 == 0  # private keys: owner only
+    assert main(["certs", str(tmp_path)]) == 2  # a CA is never replaced by accident
+
+
+def test_split_writes_files_a_site_reads_back(tmp_path):
+    config = RunConfig(dataset="synthetic", task="classify", clients=3)
+    assert main(["split", str(tmp_path), "--dataset", "synthetic", "--task", "classify",
+                 "--clients", "3"]) == 0
+    files = sorted(tmp_path.glob("*.csv"))
+    assert [f.name for f in files] == ["site-0.csv", "site-1.csv", "site-2.csv"]
+    assert sum(len(read_file(f)) for f in files) == 90
+    from shared.data import resolve
+
+    data = site_data(resolve(config), files[0])
+    assert len(data.train) + len(data.eval) == 30
+
+
+def test_client_with_a_bad_data_file_stops_before_connecting(tmp_path, capsys):
+    bad = tmp_path / "records.csv"
+    bad.write_text("sequence_id,time,hr\np1,0,abc\n")
+    write_certificates(tmp_path / "certs")
+    code = main(["client", "--server", "127.0.0.1:1", "--root-cert",
+                 str(tmp_path / "certs" / "ca.crt"), "--data", str(bad),
+                 "--ledger", str(tmp_path / "site.sqlite")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "records.csv, line 2, column 'hr'" in err and "Traceback" not in err
+    assert not (tmp_path / "site.sqlite").exists()
+    assert main(["client", "--server", "127.0.0.1:1", "--data", str(bad),
+                 "--ledger", str(tmp_path / "site.sqlite")]) == 2
+    assert "--root-cert" in capsys.readouterr().err
+
+
+def test_client_gives_up_on_an_unreachable_server_after_max_wait(tmp_path, capsys):
+    write_certificates(tmp_path / "certs")
+    assert main(["split", str(tmp_path / "sites"), "--dataset", "synthetic", "--clients",
+                 "2"]) == 0
+    code = main(["client", "--server", f"127.0.0.1:{_free_port()}", "--root-cert",
+                 str(tmp_path / "certs" / "ca.crt"), "--data",
+                 str(tmp_path / "sites" / "site-0.csv"), "--ledger",
+                 str(tmp_path / "site.sqlite"), "--max-wait", "3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "could not be reached" in err and "Traceback" not in err
+
+
+def test_server_refuses_bad_settings_before_starting(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["server", "--insecure", "--data", "x.csv", "--out", str(out)]) == 2
+    assert "the server holds no records" in capsys.readouterr().err
+    assert main(["server", "--out", str(out)]) == 2
+    assert "--certificates" in capsys.readouterr().err
+    assert main(["server", "--certificates", str(tmp_path), "--out", str(out)]) == 2
+    assert "ca.crt" in capsys.readouterr().err
+
+
+def test_tls_auth_three_sites_complete_a_run(deployment):
+    tmp, start = deployment
+    port = _free_port()
+    out = tmp / "run"
+    server = start("server", "server", "--address", f"127.0.0.1:{port}", "--certificates",
+                   str(tmp / "certs"), "--require-auth", str(tmp / "keys"), "--min-clients",
+                   "3", "--rounds", "2", "--out", str(out), *SMALL)
+    server.wait_for("started run")
+
+    # refused: a CA that did not sign the server's certificate; a key not authorised
+    write_certificates(tmp / "other")
+    unknown = start("unknown", *_client(tmp, 0, port, "--auth-key",
+                                        str(tmp / "certs" / "site-4.key")))
+    no_ca = start("no-ca", *_client(tmp, 0, port, "--auth-key",  # the last --root-cert wins
+                                    str(tmp / "certs" / "site-1.key"), "--root-cert",
+                                    str(tmp / "other" / "ca.crt")))
+    assert unknown.wait(120) == 2
+    assert "not among the server's authorised keys" in unknown.output
+    assert no_ca.wait(120) == 2
+    assert "not signed by --root-cert" in no_ca.output
+    for proc in (unknown, no_ca):
+        assert "Traceback" not in proc.output
+        assert _charges(tmp / "site-0.sqlite") == []
+
+    sites = [start(f"site-{i}", *_client(tmp, i, port, "--auth-key",
+                                         str(tmp / "certs" / f"site-{i + 1}.key"),
+                                         *(["--budget-epsilon", "0.05"] if i == 2 else [])))
+             for i in range(3)]
+    assert server.wait(300) == 0, server.output[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["clients"] == 2 and r["declined"] == 1 for r in rows)
+    assert {"summary.json", "model.pt", "metrics.png", "config.toml"} <= {
+        p.name for p in out.iterdir()}
+    assert not (out / "checkpoint.pt").exists()
+    # each site's own ledger shows its spend; the site without budget spent nothing
+    assert _charges(tmp / "site-0.sqlite") == [1, 2]
+    assert _charges(tmp / "site-1.sqlite") == [1, 2]
+    assert _charges(tmp / "site-2.sqlite") == []
+    sites[2].wait_for("declined")
+    assert main(["audit", str(tmp / "site-0.sqlite")]) == 0
+    assert "final:" in server.output and "Traceback" not in server.output
+
+
+def test_killed_client_and_killed_server_resume(deployment):
+    tmp, start = deployment
+    port = _free_port()
+    out = tmp / "run"
+    server_args = ["server", "--address", f"127.0.0.1:{port}", "--certificates",
+                   str(tmp / "certs"), "--min-clients", "3", "--rounds", "4", "--out",
+                   str(out), "--round-timeout", "15", *SMALL]
+    server = start("server", *server_args)
+    sites = [start(f"site-{i}", *_client(tmp, i, port)) for i in range(3)]
+
+    # site 2 dies mid-round: after charging its ledger, before its reply
+    _until(lambda: _charges(tmp / "site-2.sqlite"), 180, "site-2's first charge")
+    sites[2].kill()
+    charged = _charges(tmp / "site-2.sqlite")
+    _until(lambda: 1 in _rounds(out), 240, "round 1 to complete without site 2")
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["clients"] == 2 and first["dropped"] == 1  # the two that answered
+    # it restarts with the same ledger, which still holds what was charged
+    sites[2] = start("site-2-again", *_client(tmp, 2, port))
+    sites[2].wait_for("connected to the server")
+    assert _charges(tmp / "site-2.sqlite")[:len(charged)] == charged
+
+    # the server dies after round 2 and resumes from its checkpoint, not from scratch
+    _until(lambda: 2 in _rounds(out), 240, "round 2")
+    server.kill()
+    assert _rounds(out)[:2] == [1, 2]
+    server = start("server-again", *server_args)
+    assert server.wait(300) == 0, server.output[-3000:]
+    assert "resuming" in server.output
+    assert _rounds(out) == [1, 2, 3, 4]
+    assert (out / "summary.json").exists()
+    spent = _charges(tmp / "site-2.sqlite")
+    assert spent[:len(charged)] == charged and len(spent) > len(charged)
