@@ -20,7 +20,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.faults import fault_mod
 from client.ledger import Ledger
+from client.slots import partition_id
 from client.spending import BudgetExhausted, charge_round
 from client.training import evaluate as evaluate_local
 from client.training import train as train_local
@@ -30,13 +32,13 @@ from shared.data import ClientData, client_data, site_data
 from shared.models import SequenceModel, build_model
 from shared.privacy import calibrate_noise, sample_rate, steps_per_round
 
-app = ClientApp()
+app = ClientApp(mods=[fault_mod])  # fault_mod: injected faults of simulations only
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, server_round = _run_config(msg, context)
-    data = _site_data(config, context)
+    data = _site_data(config, msg, context)
     if "data" in context.node_config and not config.record_level:
         # A deployed site never releases an update without its own DP, whatever the
         # server asks: with dp off or dp-level user, its raw update would leave the site.
@@ -59,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
                 return Message(Error(P.DECLINED_BUDGET, str(exc)), reply_to=msg)
     # Only now, with the release committed to the ledger, does training on the records start.
     result = train_local(model, data.train, config, noise_multiplier=sigma,
-                         seed=_seed(config, context, server_round))
+                         seed=_seed(config, msg, context, server_round))
     if sigma is not None and result.history != [planned]:
         # Never release an update whose mechanism differs from what was charged.
         raise RuntimeError(f"DP-SGD ran {result.history}, but {planned} was charged")
@@ -79,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, _ = _run_config(msg, context)
-    data = _site_data(config, context)
+    data = _site_data(config, msg, context)
     metrics = evaluate_local(_global_model(config, msg), data.eval, config)
     metrics[P.UNIT_WEIGHT] = 1
     return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
@@ -104,17 +106,18 @@ def noise_multiplier(config: RunConfig, *, n_records: int) -> float | None:
 def _run_config(msg: Message, context: Context) -> tuple[RunConfig, int]:
     values = dict(msg.content[P.CONFIG])
     server_round = int(values.pop(P.ROUND, 0))
+    values.pop(P.PARTITIONS, None)  # simulation slots: read by ``partition_id``
     for key in ("budget-epsilon", "budget-delta"):  # the site's own limits win
         if key in context.node_config:
             values[key] = float(context.node_config[key])
     return RunConfig.from_flat(values), server_round
 
 
-def _site_data(config: RunConfig, context: Context) -> ClientData:
+def _site_data(config: RunConfig, msg: Message, context: Context) -> ClientData:
     if "data" in context.node_config:
         return site_data(config, str(context.node_config["data"]),
                          name=str(context.node_config.get("name", "")))
-    return client_data(config, int(context.node_config["partition-id"]))
+    return client_data(config, partition_id(msg, context))
 
 
 def _global_model(config: RunConfig, msg: Message) -> SequenceModel:
@@ -131,10 +134,10 @@ def ledger_path(config: RunConfig, context: Context, site: str) -> Path:
     return config.ledger_root / f"{site}.sqlite"
 
 
-def _seed(config: RunConfig, context: Context, server_round: int) -> int:
+def _seed(config: RunConfig, msg: Message, context: Context, server_round: int) -> int:
     """Simulations are reproducible from the run's seed. A deployed site seeds from the OS:
     the run's seed is the server's, and noise the server can regenerate protects nothing."""
     if "data" in context.node_config:
         return secrets.randbits(31)
-    return (config.seed * 1_000_003 + int(context.node_config["partition-id"]) * 10_007
+    return (config.seed * 1_000_003 + partition_id(msg, context) * 10_007
             + server_round) % 2**31

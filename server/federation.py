@@ -15,12 +15,20 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server import checkpoint
 from server.records import RunRecord
+from server.sampling import (
+    ClientSampler,
+    is_simulation,
+    nodes_in_partition_order,
+    simulation_slots,
+    wait_for_nodes,
+)
 from server.strategy import EPSILON_MAX, build_strategy, user_level_release
 from shared import protocol as P
 from shared.config import RunConfig
@@ -44,13 +52,15 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         config = config.replace(out=default_out_dir())
     if not config.run_id:
         config = config.replace(run_id=f"{Path(config.out).name}-{uuid.uuid4().hex[:8]}")
-    random.seed(config.seed)  # Flower's node sampling draws from ``random``
+    random.seed(config.seed)  # Flower's strategies shuffle the drawn nodes with ``random``
+    np.random.seed(config.seed)  # Flower's user-level DP noise draws from numpy's generator
     torch.manual_seed(config.seed)
     model = build_model(config)
     arrays = ArrayRecord(model.state_dict())
-    strategy = build_strategy(config, available=config.clients)
+    strategy = build_strategy(config, available=config.clients,
+                              server_draws=is_simulation(grid))
     user_history: History = []
-    exhausted: set[int] = set()  # sites that declined for lack of budget
+    exhausted: set[int] = set()  # partition ids of sites that declined for lack of budget
     first_round = 1
     saved = checkpoint.load(config.out)
     if saved is not None:
@@ -64,12 +74,24 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     record = RunRecord(config.out, config, resume_after=first_round - 1)
     flat = config.to_flat()
     log.info("run directory %s", record.dir)
+    sampler = None  # a deployment: Flower's strategy samples the connected sites itself
+    if is_simulation(grid):  # the server draws the clients; the nodes are worker slots
+        wait_for_nodes(grid, simulation_slots(config))
+        grid.pull_interval = 0.01  # its 0.1 s default idles up to 0.2 s of every round
+        sampler = ClientSampler(nodes_in_partition_order(grid), config, slots=True)
+    timeout = config.round_timeout or None
 
     for server_round in range(first_round, config.rounds + 1):
         started = time.monotonic()
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(flat), grid))
-        updates, declined, dropped = _exchange(grid, messages, "train", config.round_timeout)
-        exhausted |= {m.metadata.src_node_id for m in declined}
+        phase_config, phase_grid, trainers = _participants(sampler, grid, flat, server_round,
+                                                           "train")
+        messages = list(strategy.configure_train(server_round, arrays, phase_config, phase_grid))
+        trainers = trainers or {m.metadata.dst_node_id: m.metadata.dst_node_id for m in messages}
+        updates, declined, lost = _exchange(grid, messages, "train", timeout=timeout)
+        # replies arrive in any order; summed in partition order, a seeded run repeats bit
+        # for bit
+        updates.sort(key=lambda m: trainers[m.metadata.src_node_id])
+        exhausted |= {trainers[m.metadata.src_node_id] for m in declined}
         new_arrays, train_metrics = strategy.aggregate_train(server_round, updates)
         if new_arrays is not None:
             arrays = new_arrays
@@ -77,8 +99,14 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                 user_history.append(user_level_release(
                     config, received=len(updates), sampled=len(messages),
                     available=config.clients))
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(flat), grid)
-        evaluations, _, _ = _exchange(grid, messages, "evaluate", config.round_timeout)
+        phase_config, phase_grid, evaluators = _participants(sampler, grid, flat, server_round,
+                                                             "evaluate")
+        messages = list(strategy.configure_evaluate(server_round, arrays, phase_config,
+                                                    phase_grid))
+        evaluators = evaluators or {m.metadata.dst_node_id: m.metadata.dst_node_id
+                                    for m in messages}
+        evaluations, _, _ = _exchange(grid, messages, "evaluate", timeout=timeout)
+        evaluations.sort(key=lambda m: evaluators[m.metadata.src_node_id])
         eval_metrics = strategy.aggregate_evaluate(server_round, evaluations) or {}
         train_metrics = train_metrics or {}
         row = {"round": server_round}
@@ -96,7 +124,11 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                                           accountant=config.accountant)
         row["clients"] = len(updates)
         row["declined"] = len(declined)
-        row["dropped"] = dropped
+        # sampled sites whose update never arrived: how many, and which (partition ids),
+        # failed or silent past the round timeout
+        row["dropped"] = len(lost["failed"]) + len(lost["timed_out"])
+        row["dropped_ids"] = sorted(trainers[n] for n in lost["failed"] + lost["timed_out"])
+        row["timed_out"] = sorted(trainers[n] for n in lost["timed_out"])
         row["seconds"] = round(time.monotonic() - started, 3)
         record.add_round(row)
         checkpoint.save(record.dir, checkpoint.Checkpoint(
@@ -151,33 +183,54 @@ def _user_level_summary(config: RunConfig, history: History) -> dict | None:
     }
 
 
-def _exchange(grid: Grid, messages, phase: str,
-              timeout: float) -> tuple[list[Message], list[Message], int]:
-    """Send one phase's messages; returns (replies with content, budget declines, number of
-    sites dropped: failed, or silent past ``timeout`` seconds).
+def _participants(sampler: ClientSampler | None, grid: Grid, flat: dict, server_round: int,
+                  phase: str) -> tuple[ConfigRecord, Grid, dict[int, int] | None]:
+    """A phase's config, the grid its strategy samples from, and node -> partition id.
+
+    In a simulation the server's seeded draw: a view of just the drawn nodes, whose config
+    lists the partition each slot serves. On a deployment (no sampler) the whole grid:
+    Flower's strategy waits for and samples the connected sites, each serving itself
+    (the mapping is then node -> node id, known once the messages exist).
+    """
+    if sampler is None:
+        return ConfigRecord(flat), grid, None
+    assignment = sampler.assign(sampler.sample(server_round, phase))
+    return (ConfigRecord({**flat, **sampler.round_config(assignment)}),
+            sampler.view(grid, assignment), assignment)
+
+
+def _exchange(grid: Grid, messages, phase: str, *, timeout: float | None = None,
+              ) -> tuple[list[Message], list[Message], dict[str, list[int]]]:
+    """Send one phase's messages; returns (replies with content, budget declines, lost),
+    ``lost`` being the node ids that failed (``failed``) or sent no reply within
+    ``timeout`` seconds (``timed_out``).
 
     A decline is a site's refusal, not a failure: it is logged with the site's reason.
-    Failures are logged, and fatal only if every site failed.
+    Failures are logged, and fatal only if every site failed (injected dropouts aside).
     """
     messages = list(messages)
     if not messages:
-        return [], [], 0
-    replies = list(grid.send_and_receive(messages, timeout=timeout or None))
+        return [], [], {"failed": [], "timed_out": []}
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
     ok = [m for m in replies if not m.has_error()]
     declined = [m for m in replies if m.has_error() and m.error.code == P.DECLINED_BUDGET]
     failed = [m for m in replies if m.has_error() and m.error.code != P.DECLINED_BUDGET]
     for m in declined:
         log.info("%s", m.error.reason)
     for m in failed:
-        log.warning("%s failed at node %s: %s", phase, m.metadata.src_node_id, m.error.reason)
-    silent = len(messages) - len(replies)
-    if silent:
+        level = logging.DEBUG if m.error.code == P.DROPPED_OUT else logging.WARNING
+        log.log(level, "%s failed at node %s: %s", phase, m.metadata.src_node_id,
+                m.error.reason)
+    replied = {m.metadata.src_node_id for m in replies}
+    late = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]
+    if late:
         log.warning("%d site(s) sent no %s reply within the round timeout (%gs): the round "
-                    "goes on without them", silent, phase, timeout)
-    if not ok and not declined and (failed or silent):
+                    "goes on without them", len(late), phase, timeout)
+    injected = any(m.error.code == P.DROPPED_OUT for m in failed)
+    if not ok and not declined and (failed or late) and not injected:
         first = failed[0].error.reason if failed else "no site replied in time"
         raise FedrnnError(f"every client failed to {phase}; first error: {first}")
-    return ok, declined, len(failed) + silent
+    return ok, declined, {"failed": [m.metadata.src_node_id for m in failed], "timed_out": late}
 
 
 def _progress_line(row: dict, config: RunConfig) -> str:

@@ -65,6 +65,7 @@ class RunRecord:
         final = {k: v for k, v in (self.rows[-1] if self.rows else {}).items()
                  if k in METRICS[self.config.task]}
         summary = {"final": final, "rounds": len(self.rows),
+                   "clients_total": self.config.clients,
                    "privacy": {k: _json_value(v) for k, v in privacy.items()}}
         write_atomic(self.dir / "summary.json", json.dumps(summary, indent=2).encode())
         self.plot()

@@ -20,9 +20,15 @@ EPSILON_MAX = "epsilon-max"
 CLIENTS = "clients"
 
 
-def build_strategy(config: RunConfig, *, available: int) -> Strategy:
-    """Sample ``clients-per-round`` of ``available`` sites to train, and evaluate on
-    ``eval-clients-per-round`` of them (0 means all).
+def build_strategy(config: RunConfig, *, available: int,
+                   server_draws: bool = True) -> Strategy:
+    """Train on ``clients-per-round`` of ``available`` sites and evaluate on
+    ``eval-clients-per-round`` of them (0: as many as train; both 0: all).
+
+    ``server_draws`` (simulation): ``server.sampling.ClientSampler`` decides which sites,
+    handing the strategy a grid that shows only the drawn nodes, so the strategy takes all
+    of them (fraction 1). Otherwise (deployment) Flower's strategy waits for enough
+    connected sites and samples them itself.
 
     With user-level DP, Flower's ``DifferentialPrivacyServerSideFixedClipping`` wraps the
     strategy: each site's whole update is clipped to ``user-clip-norm`` and Gaussian noise
@@ -30,15 +36,19 @@ def build_strategy(config: RunConfig, *, available: int) -> Strategy:
     therefore weights every site equally (``unit-weight``) instead of by its records.
     """
     train_k = config.clients_per_round or available
-    eval_k = config.eval_clients_per_round or available
+    eval_k = config.eval_per_round or available
     if train_k > available or eval_k > available:
         raise ConfigError(f"clients-per-round ({train_k}) and eval-clients-per-round "
                           f"({eval_k}) cannot exceed the {available} available clients")
+    if server_draws:
+        sampling = dict(fraction_train=1.0, min_train_nodes=train_k, fraction_evaluate=1.0,
+                        min_evaluate_nodes=eval_k, min_available_nodes=0)
+    else:  # Flower samples max(int(fraction * available), min_nodes): the minimum decides
+        sampling = dict(fraction_train=train_k / available, min_train_nodes=train_k,
+                        fraction_evaluate=eval_k / available, min_evaluate_nodes=eval_k,
+                        min_available_nodes=max(train_k, eval_k))
     common = dict(
-        # Flower samples max(int(fraction * available), min_nodes): the minimum decides.
-        fraction_train=train_k / available, min_train_nodes=train_k,
-        fraction_evaluate=eval_k / available, min_evaluate_nodes=eval_k,
-        min_available_nodes=max(train_k, eval_k),
+        **sampling,
         weighted_by_key=P.UNIT_WEIGHT if config.user_level else P.NUM_EXAMPLES,
         arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG,
         train_metrics_aggr_fn=aggregate_metrics,

@@ -23,7 +23,7 @@ from shared.errors import ConfigError
 TASKS = ("classify", "lm", "forecast")
 MODELS = ("gru", "lstm", "rnn")
 TOKENIZERS = ("char", "word")
-PARTITIONERS = ("auto", "natural", "iid", "dirichlet")
+PARTITIONERS = ("auto", "natural", "record", "iid", "dirichlet", "quantity")
 STRATEGIES = ("fedavg", "fedadam")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 DP_LEVELS = ("record", "user", "both")
@@ -49,8 +49,10 @@ class RunConfig:
     labels: str = _opt("", "comma-separated class names (filled from the data when empty)")
     features: str = _opt("", "comma-separated numeric feature columns (filled from the data)")
     partitioner: str = _opt("auto", "how records are split into clients: auto uses the "
-                            "'client' column when present, else iid", PARTITIONERS)
-    dirichlet_alpha: float = _opt(0.5, "label skew of the dirichlet partitioner (smaller = more)")
+                            "'client' column when present, else iid; record: one client per "
+                            "record; dirichlet: label skew; quantity: size skew", PARTITIONERS)
+    dirichlet_alpha: float = _opt(0.5, "skew of the dirichlet (labels) and quantity (sizes) "
+                                  "partitioners (smaller = more)")
     eval_fraction: float = _opt(0.2, "share of each client's sequences held out for evaluation")
     # --- model ------------------------------------------------------------------------------
     model: str = _opt("gru", "recurrent cell", MODELS)
@@ -63,13 +65,20 @@ class RunConfig:
     rounds: int = _opt(15, "federated rounds")
     clients: int = _opt(10, "simulated sites when a partitioner splits the data")
     clients_per_round: int = _opt(0, "sites sampled per training round (0 = all)")
-    eval_clients_per_round: int = _opt(0, "sites sampled per evaluation round (0 = all)")
+    eval_clients_per_round: int = _opt(0, "sites sampled per evaluation round (0 = as many as "
+                                       "clients-per-round)")
     strategy: str = _opt("fedavg", "server aggregation", STRATEGIES)
     server_lr: float = _opt(0.05, "server learning rate of fedadam")
     local_epochs: int = _opt(1, "passes over local data per round (in expectation, with DP)")
     batch_size: int = _opt(64, "expected batch size (Poisson sampling rate = batch/records)")
     optimizer: str = _opt("adam", "client optimizer", OPTIMIZERS)
     lr: float = _opt(0.01, "client learning rate")
+    # --- faults (simulation) ----------------------------------------------------------------
+    dropout_rate: float = _opt(0.0, "share of sampled sites that fail mid-round: after charging "
+                               "their ledger and training, before replying")
+    straggler_rate: float = _opt(0.0, "share of sampled sites that reply straggler-delay late")
+    straggler_delay: float = _opt(30.0, "seconds a straggler's reply is late (see "
+                                  "round-timeout)")
     # --- privacy ----------------------------------------------------------------------------
     dp: bool = _opt(True, "train with DP-SGD (false: non-private baseline)")
     epsilon: float = _opt(8.0, "target record-level epsilon per site over the whole run")
@@ -132,6 +141,10 @@ class RunConfig:
             problems.append("dropout must be in [0, 1)")
         if self.lr <= 0 or self.server_lr <= 0 or self.dirichlet_alpha <= 0:
             problems.append("lr, server-lr and dirichlet-alpha must be positive")
+        if not (0 <= self.dropout_rate < 1 and 0 <= self.straggler_rate < 1):
+            problems.append("dropout-rate and straggler-rate must be in [0, 1)")
+        if self.straggler_delay < 0:
+            problems.append("straggler-delay must be >= 0")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -143,6 +156,11 @@ class RunConfig:
     @property
     def feature_names(self) -> list[str]:
         return [s for s in self.features.split(",") if s] if self.features else []
+
+    @property
+    def eval_per_round(self) -> int:
+        """Sites evaluating per round: eval-clients-per-round, else clients-per-round; 0 = all."""
+        return self.eval_clients_per_round or self.clients_per_round
 
     @property
     def record_level(self) -> bool:

@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 from opacus.accountants import create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
@@ -53,10 +54,40 @@ def epsilon(history: History, *, delta: float, accountant: str = "rdp") -> float
     """Epsilon at ``delta`` after every release in ``history`` (0 for none)."""
     if not history:
         return 0.0
+    if accountant == "rdp":
+        # Opacus's RDPAccountant.get_privacy_spent, with each mechanism's one-step RDP
+        # curve cached: computing it (156 orders, fractional ones by series) took 0.13 s,
+        # more than a client's whole DP-SGD round, and every charge needs it.
+        rdp = sum(steps * _rdp_per_step(sigma, q) for sigma, q, steps in merge_history(history))
+        eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
+        return float(eps)
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = merge_history(history)
     with _quiet(accountant):
         return float(acc.get_epsilon(delta=delta, **_options(accountant)))
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    rdp = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                   orders=RDP_ORDERS)
+    rdp.flags.writeable = False  # shared by every caller of the cache
+    return rdp
+
+
+def merge_history(history: History) -> History:
+    """Releases with the same (noise multiplier, sample rate) as one entry of summed steps.
+
+    The same mechanism composed n1 then n2 times is that mechanism composed n1 + n2 times,
+    for every accountant here; a site that runs the same DP-SGD every round keeps a
+    one-entry history, so its epsilon costs the same in round 1000 as in round 1 (computed
+    entry by entry it cost about 0.13 s more per round).
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        key = (float(s), float(q))
+        steps[key] = steps.get(key, 0) + int(n)
+    return [(s, q, n) for (s, q), n in steps.items()]
 
 
 @functools.lru_cache(maxsize=1024)

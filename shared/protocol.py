@@ -9,6 +9,7 @@ CONFIG = "config"  # ConfigRecord: the run's resolved config plus ROUND
 METRICS = "metrics"  # MetricRecord in every reply
 
 ROUND = "server-round"  # injected by Flower's strategies into CONFIG
+PARTITIONS = "partitions"  # simulation: in CONFIG, the partition each slot serves (-1: none)
 
 # Train replies
 NUM_EXAMPLES = "num-examples"  # training records (FedAvg weight); eval: units averaged over
@@ -21,3 +22,4 @@ STEPS = "steps"
 # Error codes of replies that carry no update
 DECLINED_BUDGET = 4030  # the site's privacy budget does not allow this round
 DECLINED_POLICY = 4031  # the site refuses the run's settings (e.g. no record-level DP)
+DROPPED_OUT = 5030  # injected fault (simulation): the site failed after training

@@ -2,37 +2,54 @@
 
 Every simulated site is a Flower SuperNode of the Simulation Runtime (Ray backend)
 running the same ClientApp a deployed site runs; the ServerApp runs in this process.
-All data is checked before Ray starts, so a bad file fails in a second, not mid-run.
+The data is read and checked while Ray starts, so a bad file stops the run before any
+site trains, with one line naming the problem.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import ray
+
+# Nothing here imports torch at module level: Ray should start before the imports
+# (about 1 s) and the data reading, which run beside it in a thread.
 from shared.config import RunConfig
-from shared.data import client_data, partition_corpus, resolve
-from shared.errors import ConfigError
+from shared.errors import ConfigError, FedrnnError
 
 log = logging.getLogger("fedrnn")
 
 
 def prepare(config: RunConfig) -> RunConfig:
-    """Resolve the schema, fix the number of clients, and check every client's data."""
+    """Resolve the schema, fix the number of clients, and check the data once.
+
+    The corpus is read and partitioned here, which checks every client's share (its size,
+    its labels against the schema); one client is encoded to catch encoding problems.
+    The other clients are encoded lazily, in the worker that serves them: at 15,000
+    clients, encoding all of them up front would cost minutes and hold every tensor.
+    """
     from server.federation import default_out_dir
+    from server.sampling import ClientSampler
+    from shared.data import client_data, partition_corpus, resolve
 
     config = resolve(config)
     names, _ = partition_corpus(config)
     if len(names) != config.clients:
-        log.info("data has %d natural clients (the 'client' column); --clients ignored",
-                 len(names))
+        log.info("data has %d clients (%s); --clients ignored", len(names),
+                 "one per record" if config.partitioner == "record" else "the 'client' column")
         config = config.replace(clients=len(names))
     for k in (config.clients_per_round, config.eval_clients_per_round):
         if k > config.clients:
             raise ConfigError(f"clients-per-round {k} exceeds the {config.clients} clients")
-    for i in range(config.clients):  # fail here, not later inside a Ray worker
-        client_data(config, i)
+    try:
+        ClientSampler(range(config.clients), config)  # enough sites for each phase?
+    except FedrnnError as exc:
+        raise ConfigError(str(exc)) from None
+    client_data(config, 0)  # fail here, not later inside a Ray worker
     out = Path(config.out or default_out_dir())
     if (out / "metrics.jsonl").exists():
         raise ConfigError(f"{out} already holds a run; choose another --out or remove it")
@@ -46,7 +63,18 @@ class _HideDeprecation(logging.Filter):
 
 def simulate(config: RunConfig, *, verbose: bool = False) -> Path:
     """Run the simulation ``config`` describes; returns the run directory."""
-    config = prepare(config)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a CPU-only tip
+    # Ray starts (about 2.5 s, mostly waiting on its processes) while this process reads
+    # and checks the data in a thread; ray.init itself must run on the main thread.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        prepared = pool.submit(_prepare_and_import, config)
+        _start_ray(verbose=verbose)
+        try:
+            config = prepared.result()
+        except BaseException:
+            ray.shutdown()
+            raise
     log.info("%d clients (%s), %d rounds, %s on %s, %s", config.clients,
              "all per round" if not config.clients_per_round
              else f"{config.clients_per_round} per round", config.rounds, config.model,
@@ -59,22 +87,18 @@ def simulate(config: RunConfig, *, verbose: bool = False) -> Path:
     # ``run_simulation`` is Flower's in-process entry to its Simulation Runtime; Flower
     # marks it deprecated in favour of ``flwr run``, which fedrnn also supports (README).
     flwr_logger.addFilter(_HideDeprecation())
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a CPU-only tip
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
     from server.app import make_app
+    from server.sampling import simulation_slots
 
     run_simulation(
         server_app=make_app(config),
         client_app=client_app,
-        num_supernodes=config.clients,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                          "logging_level": "ERROR" if not verbose else "INFO"},
-        },
+        num_supernodes=simulation_slots(config),  # worker slots, not clients (sampling.py)
+        # Ray is already running (``_start_ray``), so Flower's backend uses it as it is.
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         verbose_logging=verbose,
     )
     out = Path(config.out)
@@ -82,3 +106,36 @@ def simulate(config: RunConfig, *, verbose: bool = False) -> Path:
         raise ConfigError(f"the simulation ended without finishing the run in {out}; "
                           "rerun with --verbose to see Flower's and Ray's logs")
     return out
+
+
+def _prepare_and_import(config: RunConfig) -> RunConfig:
+    config = prepare(config)
+    import flwr.simulation  # noqa: F401
+
+    import client.app  # noqa: F401  (the ClientApp and its torch and Opacus, while Ray starts)
+
+    return config
+
+
+def _start_ray(*, verbose: bool) -> None:
+    """Start Ray for Flower's backend, without a ``runtime_env``.
+
+    Flower's backend would start Ray with ``runtime_env={"env_vars": {"PYTHONPATH": ...}}``;
+    any runtime_env stops Ray from pre-starting its worker processes, so each Ray worker
+    (one per core) then starts only when the first round needs it. Ray's processes inherit
+    this process's environment, so the same PYTHONPATH goes there instead.
+    """
+    if ray.is_initialized():
+        return
+    quiet = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
+    if os.environ.get("RAY_ADDRESS"):
+        # A running (multi-node) Ray cluster: its nodes bring their own CPUs and Python
+        # environment; Flower sizes its worker pool to the cluster's CPUs.
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+        return
+    paths = [p for p in sys.path if p]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    # address "local": a fresh instance, even if `ray start` left a cluster on this machine
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)

@@ -18,13 +18,13 @@ def test_natural_partition_uses_client_column(text_jsonl):
 
 
 def test_iid_and_dirichlet_partitions_cover_every_record_once():
-    for partitioner in ("iid", "dirichlet"):
+    for partitioner in ("iid", "dirichlet", "quantity", "record"):
         config = RunConfig(dataset="synthetic", clients=5, partitioner=partitioner,
                            dirichlet_alpha=0.3)
         _, parts = partition_corpus(config)
         everything = np.concatenate(parts)
         assert len(everything) == len(set(everything.tolist())) == 150
-        assert min(len(p) for p in parts) >= 2
+        assert min(len(p) for p in parts) >= (1 if partitioner == "record" else 2)
 
 
 def test_dirichlet_skews_labels():
@@ -32,6 +32,35 @@ def test_dirichlet_skews_labels():
                                dirichlet_alpha=0.1))
     shares = [client_data(config, i).train.labels.float().mean().item() for i in range(5)]
     assert max(shares) - min(shares) > 0.5  # iid would give about 0.5 everywhere
+
+
+def test_quantity_skews_sizes_not_labels():
+    config = resolve(RunConfig(dataset="synthetic", clients=10, partitioner="quantity",
+                               dirichlet_alpha=0.3))
+    sizes = sorted(len(p) for p in partition_corpus(config)[1])
+    assert sizes[-1] > 5 * sizes[0]  # iid would give 30 each
+    iid = partition_corpus(config.replace(partitioner="iid"))[1]
+    assert {len(p) for p in iid} == {30}
+
+
+def test_record_partitioner_one_client_per_record_trains_or_evaluates(text_jsonl):
+    config = resolve(RunConfig(data=str(text_jsonl), partitioner="record"))
+    names, parts = partition_corpus(config)
+    assert len(names) == 30 and names[0] == "record-00" and all(len(p) == 1 for p in parts)
+    roles = [(len(client_data(config, i).train), len(client_data(config, i).eval))
+             for i in range(30)]
+    assert set(roles) == {(1, 0), (0, 1)}  # a single record is never split
+    first = client_data(config, 0)
+    assert first.train.inputs.shape[0] + first.eval.inputs.shape[0] == 1
+
+
+def test_natural_partition_of_many_clients_is_fast_and_exact(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(f'{{"client": "c{i % 5000}", "text": "m {i}"}}\n'
+                            for i in range(10_000)))
+    names, parts = partition_corpus(RunConfig(data=str(path), task="lm"))
+    assert len(names) == 5000 and all(len(p) == 2 for p in parts)
+    assert names[:2] == ["c0", "c1"] and parts[0].tolist() == [0, 5000]
 
 
 def test_too_many_clients_is_a_clear_error(text_jsonl):

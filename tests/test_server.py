@@ -24,10 +24,15 @@ def test_aggregate_metrics_weights_skips_nan_and_takes_max_epsilon():
     assert out["num-examples"] == 40 and out["clients"] == 2
 
 
-def test_strategy_samples_the_configured_number_of_clients():
+def test_strategy_takes_every_drawn_client():
+    # The sampler draws the clients; the strategy must take all nodes of the view it gets.
     strategy = build_strategy(RunConfig(clients_per_round=3), available=10)
     assert isinstance(strategy, FedAvg) and strategy.min_train_nodes == 3
-    assert int(10 * strategy.fraction_train) <= 3 and strategy.min_evaluate_nodes == 10
+    assert strategy.fraction_train == 1.0 and strategy.min_evaluate_nodes == 3
+    assert build_strategy(RunConfig(), available=10).min_evaluate_nodes == 10
+    # on a deployment Flower's strategy samples (and waits for) the connected sites itself
+    deployed = build_strategy(RunConfig(clients_per_round=3), available=10, server_draws=False)
+    assert deployed.fraction_train == 0.3 and deployed.min_available_nodes == 3
     assert isinstance(build_strategy(RunConfig(strategy="fedadam"), available=4), FedAdam)
     with pytest.raises(ConfigError, match="cannot exceed"):
         build_strategy(RunConfig(clients_per_round=11), available=10)

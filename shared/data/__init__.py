@@ -20,7 +20,7 @@ import torch
 from shared.config import RunConfig
 from shared.data.builtin import load_builtin
 from shared.data.corpus import Corpus
-from shared.data.partition import partition, train_eval_split
+from shared.data.partition import is_holdout_client, partition, train_eval_split
 from shared.data.readers import read_file
 from shared.data.tensors import SequenceTensors, encode_series, encode_text, local_scaling
 from shared.data.tokenizers import make_tokenizer
@@ -36,8 +36,10 @@ def load_corpus(config: RunConfig) -> Corpus:
         path = Path(config.data).expanduser().resolve()
         stamp = path.stat().st_mtime_ns if path.exists() else 0
         return _read_cached(str(path), stamp)
-    # Only synthetic data depends on these; a real dataset is the same for any of them.
-    source = {k: getattr(config, k) for k in ("dataset", "task", "clients", "seed")}
+    # Only synthetic data depends on these; a real dataset is the same for any of them
+    # (and is read once, whatever --clients a sampler or partitioner settles on).
+    keys = ("dataset", "task", "clients", "seed") if config.dataset == "synthetic" else ("dataset",)
+    source = {k: getattr(config, k) for k in keys}
     return _builtin_cached(RunConfig().replace(**source))
 
 
@@ -134,6 +136,12 @@ def _site_data_cached(config: RunConfig, path: str, _mtime: int, name: str) -> C
 
 def partition_corpus(config: RunConfig) -> tuple[list[str], list[np.ndarray]]:
     """Client names and record indices, deterministic in ``config.seed``."""
+    return _partition_cached(_data_only(config))
+
+
+@functools.lru_cache(maxsize=2)
+def _partition_cached(config: RunConfig) -> tuple[list[str], list[np.ndarray]]:
+    # Computed once per process: every client of a 15,000-client run reads its slice here.
     return partition(load_corpus(config), config)
 
 
@@ -178,15 +186,24 @@ def _data_only(config: RunConfig) -> RunConfig:
     return RunConfig().replace(**{k: getattr(config, k) for k in _DATA_FIELDS})
 
 
+# Bounded: a process holds the tensors of the clients it served last, never of all clients.
 @functools.lru_cache(maxsize=256)
 def _client_data_cached(config: RunConfig, partition_id: int) -> ClientData:
     corpus = load_corpus(config)
-    names, parts = partition(corpus, config)
+    names, parts = _partition_cached(config)
     if not 0 <= partition_id < len(parts):
         raise DataError(corpus.source, f"client {partition_id} requested but the data has "
                                        f"{len(parts)} clients")
-    train_idx, eval_idx = train_eval_split(parts[partition_id], eval_fraction=config.eval_fraction,
-                                           seed=config.seed * 100_003 + partition_id)
+    if len(parts[partition_id]) == 1:  # one record: the whole client trains or evaluates
+        holdout = is_holdout_client(partition_id, seed=config.seed,
+                                    eval_fraction=config.eval_fraction)
+        empty = parts[partition_id][:0]
+        train_idx, eval_idx = ((empty, parts[partition_id]) if holdout
+                               else (parts[partition_id], empty))
+    else:
+        train_idx, eval_idx = train_eval_split(parts[partition_id],
+                                               eval_fraction=config.eval_fraction,
+                                               seed=config.seed * 100_003 + partition_id)
     train, evaluation = encode_split(corpus, config, train_idx, eval_idx)
     return ClientData(name=names[partition_id], train=train, eval=evaluation,
                       fingerprint=fingerprint(corpus, parts[partition_id]))
@@ -218,7 +235,9 @@ def encode_split(corpus: Corpus, config: RunConfig, train_idx: np.ndarray,
             mean = np.array([corpus.scaling[f][0] for f in corpus.feature_names])
             std = np.array([corpus.scaling[f][1] for f in corpus.feature_names])
         else:
-            mean, std = local_scaling([corpus.values[i] for i in train_idx])
+            # a held-out single-record client has no training part: its own record
+            mean, std = local_scaling([corpus.values[i] for i in (train_idx if len(train_idx)
+                                                                  else eval_idx)])
 
         def encode(idx: np.ndarray) -> SequenceTensors:
             inputs, lengths = encode_series([corpus.values[i] for i in idx],

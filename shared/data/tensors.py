@@ -44,7 +44,7 @@ def encode_text(texts: list[str], tokenizer: Tokenizer, max_len: int) -> tuple[t
     """``[BOS, tokens..., EOS]`` truncated to ``max_len + 1`` ids (inputs plus the next-token
     target of the last input), padded with PAD."""
     encoded = [[BOS, *tokenizer.encode(t), EOS][: max_len + 1] for t in texts]
-    width = max(len(e) for e in encoded)
+    width = max((len(e) for e in encoded), default=1)  # no records: an empty [0, 1] batch
     tokens = torch.full((len(encoded), width), PAD, dtype=torch.long)
     for i, ids in enumerate(encoded):
         tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -69,7 +69,7 @@ def encode_series(values: list[np.ndarray], times: list[np.ndarray], *, mean: np
     """Channels per step, keeping the most recent ``max_len`` observations of each record."""
     n_features = len(mean)
     kept = [(v[-max_len:], t[-max_len:]) for v, t in zip(values, times, strict=True)]
-    width = max(len(v) for v, _ in kept)
+    width = max((len(v) for v, _ in kept), default=1)
     out = np.zeros((len(kept), width, 2 * n_features + 1), dtype=np.float32)
     for i, (v, t) in enumerate(kept):
         observed = ~np.isnan(v)

@@ -1,0 +1,152 @@
+"""``fedrnn bench simulation``: what Flower's Simulation Engine costs on top of the training.
+
+One fixed workload (the default nafld GRU with DP-SGD, 100 clients, 20 sampled per round
+to train and 20 to evaluate, 10 rounds, seed 0) is run twice, each in a fresh process
+timed from spawn to exit, start-up included:
+
+- ``simulation``: ``fedrnn simulate`` (ServerApp, Ray workers, Flower messages, run dir);
+- ``plain``: the same client work back to back in one process with no framework: the
+  same sampled clients (``ClientSampler``), each calibrating its noise, charging its
+  ledger, training with DP-SGD from the current global weights, then a weighted mean;
+  the same evaluations. One torch thread, the fastest for this model on 2 cores.
+
+``overhead_ratio = simulation_s / compute_s``. The breakdown says where the rest goes:
+start-up (imports, data, Ray and its workers) versus rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORKLOAD = {"clients": 100, "clients-per-round": 20, "eval-clients-per-round": 20,
+            "rounds": 10, "seed": 0}
+
+
+def _flags(workload: dict[str, int]) -> list[str]:
+    return [item for key, value in workload.items() for item in (f"--{key}", str(value))]
+
+
+def run_simulation(workload: dict[str, int], work: Path) -> dict[str, float]:
+    """``fedrnn simulate`` in a child process; wall time and its start-up/rounds split."""
+    out = work / "simulation"
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "shared.cli", "simulate", *_flags(workload),
+                           "--out", str(out)], capture_output=True, text=True)
+    total = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"the simulation failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = sum(r["seconds"] for r in rows)
+    return {"total_s": total, "rounds_s": rounds, "startup_s": total - rounds,
+            "first_round_s": rows[0]["seconds"]}
+
+
+def run_plain(workload: dict[str, int], work: Path) -> dict[str, float]:
+    """The same client work in a fresh plain process (``plain_main``), wall-clocked."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", "from simulations.bench_simulation import "
+                           "plain_main; plain_main()", json.dumps(workload), str(work / "plain")],
+                          capture_output=True, text=True)
+    total = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"the plain run failed:\n{proc.stderr[-3000:]}")
+    inside = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"total_s": total, **inside}
+
+
+def plain_main() -> None:
+    """Child process body: imports, data, then every round's client work, timed in parts."""
+    started = time.perf_counter()
+    import torch
+
+    from client.app import noise_multiplier
+    from client.ledger import Ledger
+    from client.spending import charge_round
+    from client.training import evaluate, train
+    from server.sampling import ClientSampler
+    from shared.config import RunConfig
+    from shared.data import client_data, resolve
+    from shared.models import build_model
+    from shared.privacy import sample_rate, steps_per_round
+
+    torch.set_num_threads(1)
+    workload, work = json.loads(sys.argv[1]), Path(sys.argv[2])
+    imported = time.perf_counter()
+    config = resolve(RunConfig.from_flat(workload)).replace(run_id="plain", out=str(work))
+    sampler = ClientSampler(range(config.clients), config)
+    model = build_model(config)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    loaded = time.perf_counter()
+    train_s = eval_s = 0.0
+    for server_round in range(1, config.rounds + 1):
+        t0 = time.perf_counter()
+        updates = []
+        for pid in sampler.sample(server_round, "train"):
+            data = client_data(config, pid)
+            local = build_model(config)
+            local.load_state_dict(state)
+            sigma = noise_multiplier(config, n_records=len(data.train))
+            planned = (sigma, sample_rate(len(data.train), config.batch_size),
+                       steps_per_round(len(data.train), config.batch_size, config.local_epochs))
+            with Ledger(config.ledger_root / f"{data.name}.sqlite") as ledger:
+                charge_round(ledger, fingerprint=data.fingerprint, site=data.name,
+                             run_id=config.run_id, server_round=server_round,
+                             planned=planned, config=config)
+            train(local, data.train, config, noise_multiplier=sigma,
+                  seed=config.seed * 1_000_003 + pid * 10_007 + server_round)
+            updates.append((len(data.train), local.state_dict()))
+        total = sum(n for n, _ in updates)
+        state = {k: sum(n * s[k] for n, s in updates) / total for k in state}
+        t1 = time.perf_counter()
+        model.load_state_dict(state)
+        for pid in sampler.sample(server_round, "evaluate"):
+            evaluate(model, client_data(config, pid).eval, config)
+        train_s += t1 - t0
+        eval_s += time.perf_counter() - t1
+    print(json.dumps({"import_s": imported - started, "data_s": loaded - imported,
+                      "train_s": train_s, "eval_s": eval_s}))
+
+
+def bench_simulation(workload: dict[str, int] | None = None, *, progress=print) -> dict:
+    workload = {**WORKLOAD, **(workload or {})}
+    with tempfile.TemporaryDirectory(prefix="fedrnn-bench-") as tmp:
+        progress("plain process: the same client work, no framework")
+        plain = run_plain(workload, Path(tmp))
+        progress("simulation: fedrnn simulate on Flower's Simulation Engine")
+        simulation = run_simulation(workload, Path(tmp))
+    return {"workload": workload, "cores": os.cpu_count(), "simulation": simulation,
+            "plain": plain, "simulation_s": simulation["total_s"],
+            "compute_s": plain["total_s"],
+            "overhead_ratio": simulation["total_s"] / plain["total_s"]}
+
+
+def format_report(result: dict) -> str:
+    w, sim, plain = result["workload"], result["simulation"], result["plain"]
+    lines = [f"workload: {w.get('dataset', 'nafld')} gru DP-SGD, {w['clients']} clients, "
+             f"{w['clients-per-round']} per round (train) + {w['eval-clients-per-round']} "
+             f"(evaluate), {w['rounds']} rounds, {result['cores']} cores",
+             f"{'':<34}{'simulation':>12}{'plain':>10}",
+             f"{'start-up: imports, data (+ Ray)':<34}{sim['startup_s']:>12.1f}"
+             f"{plain['import_s'] + plain['data_s']:>10.1f}",
+             f"{'rounds: train + evaluate':<34}{sim['rounds_s']:>12.1f}"
+             f"{plain['train_s'] + plain['eval_s']:>10.1f}",
+             f"{'  of which round 1':<34}{sim['first_round_s']:>12.1f}{'':>10}",
+             f"{'total (process wall clock)':<34}{sim['total_s']:>12.1f}{plain['total_s']:>10.1f}",
+             f"overhead ratio (simulation / plain): {result['overhead_ratio']:.2f}"]
+    return "\n".join(lines)
+
+
+def main_bench_simulation(*, as_json: bool) -> None:
+    result = bench_simulation(progress=lambda m: print(f"fedrnn: bench: {m}", file=sys.stderr))
+    if as_json:
+        print(json.dumps({k: result[k] for k in ("workload", "simulation", "plain")}))
+        print(json.dumps({k: result[k] for k in ("simulation_s", "compute_s",
+                                                  "overhead_ratio")}))
+    else:
+        print(format_report(result))

@@ -1,0 +1,81 @@
+"""Scenarios, sweeps and the simulation benchmark, through the real CLI."""
+
+import csv
+import json
+
+import pytest
+
+from shared.cli import build_parser, config_from_args, main
+from shared.config import RunConfig
+from shared.errors import ConfigError
+from simulations.bench_simulation import bench_simulation
+from simulations.scenarios import describe, load_scenario, scenario_names
+from simulations.sweep import parse_sweeps
+
+
+def test_every_scenario_is_a_valid_config():
+    names = scenario_names()
+    assert {"nafld-hospitals", "nafld-patients", "tweets-messages", "synthetic-classify",
+            "synthetic-lm", "synthetic-forecast"} <= set(names)
+    assert all(describe()[name] for name in names)
+    patients = RunConfig.from_flat(load_scenario("nafld-patients"))
+    assert patients.partitioner == "record" and patients.clients_per_round == 100
+
+
+def test_flags_and_config_file_override_the_scenario(tmp_path):
+    parse = build_parser().parse_args
+    config = config_from_args(parse(["simulate", "--scenario", "nafld-hospitals"]))
+    assert (config.clients, config.partitioner) == (30, "quantity")
+    assert config_from_args(parse(["simulate", "--scenario", "nafld-hospitals",
+                                   "--clients", "12"])).clients == 12
+    file = tmp_path / "c.toml"
+    file.write_text("rounds = 4\n")
+    config = config_from_args(parse(["simulate", "--scenario", "nafld-hospitals",
+                                     "--config", str(file), "--rounds", "5"]))
+    assert (config.clients, config.rounds) == (30, 5)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--scenario", "nope"], "unknown scenario 'nope'; scenarios: nafld-hospitals"),
+    (["--sweep", "epsilon"], "expected KEY=V1,V2"),
+    (["--sweep", "epsilon=1,x"], "epsilon must be a float, not 'x'"),
+    (["--sweep", "colour=1,2"], "unknown setting(s): colour"),
+    (["--sweep", "out=a,b"], "each variant already gets its own"),
+])
+def test_bad_scenario_or_sweep_is_one_line(tmp_path, capsys, argv, expected):
+    out = tmp_path / "never"
+    assert main(["simulate", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedrnn: error: ") and expected in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_parse_sweeps_checks_every_value():
+    assert parse_sweeps(["epsilon=1, 3,inf", "model=gru,lstm"], RunConfig()) == [
+        ("epsilon", ["1", "3", "inf"]), ("model", ["gru", "lstm"])]
+    with pytest.raises(ConfigError, match="model must be one of"):
+        parse_sweeps(["model=gru,transformer"], RunConfig())
+
+
+def test_sweep_runs_every_variant_and_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["simulate", "--scenario", "synthetic-classify", "--rounds", "1",
+                 "--sweep", "epsilon=2,inf", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [r["epsilon"] for r in rows] == ["2", "inf"]
+    assert 0 < float(rows[0]["epsilon_spent"]) <= 2.0 and rows[1]["epsilon_spent"] == "inf"
+    assert all(r["auroc"] and r["loss"] for r in rows)
+    assert (out / "epsilon=2" / "summary.json").exists()
+    assert (out / "sweep.png").stat().st_size > 0
+    assert json.loads((out / "sweep.json").read_text())["keys"] == ["epsilon"]
+    assert "epsilon_spent" in capsys.readouterr().out
+
+
+def test_bench_simulation_reports_both_runs_and_their_ratio():
+    result = bench_simulation({"dataset": "synthetic", "clients": 4, "clients-per-round": 2,
+                               "eval-clients-per-round": 2, "rounds": 1,
+                               "hidden-size": 8}, progress=lambda _m: None)
+    assert result["simulation_s"] > 0 and result["compute_s"] > 0
+    assert result["overhead_ratio"] == pytest.approx(result["simulation_s"]
+                                                     / result["compute_s"])
+    assert result["plain"]["train_s"] > 0 and result["simulation"]["rounds_s"] > 0
