@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from datetime import UTC, datetime
 
 from client.audit import Audit, table
+from shared.plots import png_bytes, pyplot
 
 MECHANISMS = """
 <ul>
@@ -28,10 +28,7 @@ recomputed from the stored (noise multiplier, sample rate, steps) history.</li>
 
 def plot(result: Audit) -> bytes:
     """Epsilon against release (round), one line per site, budgets dashed. PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, site in enumerate(result.sites):
@@ -47,10 +44,7 @@ def plot(result: Audit) -> bytes:
     if len(result.sites) <= 12:
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def render_html(result: Audit) -> str:

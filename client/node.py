@@ -80,18 +80,22 @@ def check_options(options: SiteOptions) -> None:
     if not options.ledger.parent.is_dir():
         raise ConfigError(f"--ledger {options.ledger}: directory {options.ledger.parent} "
                           "does not exist")
-    if options.budget_epsilon < 0 or not 0 <= options.budget_delta < 1:
+    # written so that NaN fails too: every comparison with NaN is false
+    if not (options.budget_epsilon >= 0 and 0 <= options.budget_delta < 1):
         raise ConfigError("--budget-epsilon must be >= 0 and --budget-delta in [0, 1)")
+    if not options.max_wait >= 0:
+        raise ConfigError("--max-wait must be 0 (keep trying) or a number of seconds")
 
 
 def read_site_records(options: SiteOptions) -> int:
-    """Read and check the records file now, so a bad file fails before connecting."""
-    from shared.data.readers import read_file
+    """Read and check the records file now, so a bad file fails before connecting. The
+    read is cached: the first round trains on it without reading it again."""
+    from shared.config import RunConfig
+    from shared.data import load_corpus
+    from shared.errors import DataError
 
-    corpus = read_file(options.data)
+    corpus = load_corpus(RunConfig(data=str(options.data)))
     if len(corpus) < 2:
-        from shared.errors import DataError
-
         raise DataError(options.data, f"holds {len(corpus)} record(s); a site needs at least 2")
     return len(corpus)
 

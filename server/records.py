@@ -21,6 +21,7 @@ import torch
 
 from shared.config import RunConfig, dump_toml
 from shared.files import write_atomic
+from shared.plots import png_bytes, pyplot
 from shared.tasks import METRICS
 
 
@@ -71,10 +72,7 @@ class RunRecord:
         self.plot()
 
     def plot(self) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         names = [m for m in METRICS[self.config.task] if any(r.get(m) is not None
                                                              for r in self.rows)]
@@ -92,9 +90,7 @@ class RunRecord:
                      f"{self.config.task}, {self.config.model}"
                      + (f", eps target {self.config.epsilon:g}" if self.config.dp else ", no DP"))
         fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100)
-        plt.close(fig)
+        image = png_bytes(fig)
         path = self.dir / "metrics.png"
-        write_atomic(path, buffer.getvalue())
+        write_atomic(path, image)
         return path

@@ -25,6 +25,7 @@ from typing import Any
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.files import write_atomic
+from shared.plots import png_bytes, pyplot
 from shared.tasks import METRICS
 
 log = logging.getLogger("fedrnn")
@@ -100,10 +101,7 @@ def write_table(out: Path, rows: list[dict[str, Any]], keys: list[str], *, task:
 
 def plot(rows: list[dict[str, Any]], keys: list[str], metrics: tuple[str, ...]) -> bytes:
     """Each metric against the first swept key, one line per combination of the others."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     x_key, others = keys[0], keys[1:]
     x_values = list(dict.fromkeys(row[x_key] for row in rows))
@@ -124,10 +122,7 @@ def plot(rows: list[dict[str, Any]], keys: list[str], metrics: tuple[str, ...]) 
         if others:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def _number(value: Any) -> float:

@@ -164,6 +164,14 @@ def test_client_with_a_bad_data_file_stops_before_connecting(tmp_path, capsys):
     assert main(["client", "--server", "127.0.0.1:1", "--data", str(bad),
                  "--ledger", str(tmp_path / "site.sqlite")]) == 2
     assert "--root-cert" in capsys.readouterr().err
+    good = tmp_path / "good.csv"
+    good.write_text("sequence_id,time,hr\np1,0,60\np2,0,61\n")
+    for flag, value in (("--budget-epsilon", "nan"), ("--max-wait", "-1")):
+        assert main(["client", "--server", "127.0.0.1:1", "--root-cert",
+                     str(tmp_path / "certs" / "ca.crt"), "--data", str(good),
+                     "--ledger", str(tmp_path / "site.sqlite"), flag, value]) == 2
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "site.sqlite").exists()
 
 
 def test_client_gives_up_on_an_unreachable_server_after_max_wait(tmp_path, capsys):
