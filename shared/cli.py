@@ -234,7 +234,7 @@ def _cmd_bench_dp_step(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     spec = StepSpec(model=args.model, batch=args.batch, seq_len=args.seq_len,
                     hidden=args.hidden, layers=args.layers, embedding=args.embedding)
-    main_dp_step(spec, as_json=args.json, repeats=args.repeats)
+    main_dp_step(spec, as_json=args.json, repeats=args.repeats, clipping=args.clipping)
     return 0
 
 
@@ -397,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     dp_step.add_argument("--embedding", type=int, default=8)
     dp_step.add_argument("--repeats", type=int, default=5, help="timed steps per "
                          "implementation after warm-up (median reported)")
+    dp_step.add_argument("--clipping", choices=("ghost", "hooks"), default="ghost",
+                         help="Opacus grad_sample_mode for fedrnn's layers: ghost (per-sample "
+                         "norms, then a second backward pass; what the client uses) or hooks "
+                         "(per-sample gradients materialised). Opacus's layer always uses hooks")
     dp_step.add_argument("--json", action="store_true",
                          help="one JSON line per implementation")
     dp_step.set_defaults(func=_cmd_bench_dp_step)

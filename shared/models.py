@@ -32,7 +32,7 @@ class SequenceModel(nn.Module):
         super().__init__()
         if (vocab_size > 0) == (n_channels > 0):
             raise ValueError("give exactly one of vocab_size (tokens) or n_channels (series)")
-        self.embed = nn.Embedding(vocab_size, embedding_dim) if vocab_size else None
+        self.embed = dpnn.Embedding(vocab_size, embedding_dim) if vocab_size else None
         input_size = embedding_dim if vocab_size else n_channels
         extra = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
         rnn_class = {"rnn": dpnn.RNN, "gru": dpnn.GRU, "lstm": dpnn.LSTM}[cell]

@@ -6,44 +6,66 @@ and initial states as torch's layers, so state dicts load both ways. ``forward``
 takes ``lengths`` [B]: steps past a sequence's length leave the state unchanged and
 output zeros, and the reverse direction starts at each sequence's own end.
 
-Why they are fast. For a recurrent weight, the per-sample gradient is a sum over time of
-outer products: ``dW_hh[b] = sum_t dA_t[b] (x) h_{t-1}[b]``, where ``dA_t`` is the gradient
-of the gate pre-activations. The input projection is computed for all steps at once
-(``gi``), the recurrent one step by step (``gh_t``); the forward pass keeps ``gi`` and
-every ``h_{t-1}``, the ordinary backward pass fills ``gi``'s gradient, and the gradient
-of ``gh_t`` follows from it (see ``_Capture``). The grad sampler registered with Opacus
-then needs two batched contractions per layer and direction, where Opacus's ``DPLSTM``
-hooks a module at every time step.
+Why they are fast. Each layer-direction is one autograd node (``_Sweep``) whose forward
+and backward are written out by hand, so the time loop holds only the sequential work:
+per step one matmul with the recurrent weight and a handful of element-wise kernels on
+preallocated buffers (autograd through torch's cell equations runs about 25 small ops per
+step, plus a graph node for each). Everything that does not depend on the previous step
+is done for all steps at once: the input projection, the gate derivatives, the input
+gradient, and the weight gradients.
+
+The per-sample gradient of a weight is a sum over time of outer products,
+``dW_hh[b] = sum_t dG_t[b] (x) h_{t-1}[b]`` with ``dG_t`` the gradient of the gate
+pre-activations, i.e. one batched matmul over the whole sequence (``torch.bmm``). When
+Opacus has hooked the layer, the backward pass computes those per-sample gradients and
+hands their sum to autograd as the ordinary gradient (so ``p.grad`` stays right at little
+cost); the grad sampler registered with Opacus then only rescales them. Without Opacus,
+the backward pass computes the ordinary gradient with one matmul per weight.
+
 Measured with ``fedrnn bench dp-step`` (README).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+from opacus.grad_sample.embedding import compute_embedding_grad_sample
 from torch import nn
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 @dataclass
-class _Capture:
-    """What one layer-direction of a forward pass keeps for per-sample gradients.
+class _Sequence:
+    """One layer-direction's backward pass, kept for its per-sample gradients."""
 
-    Only the input projection's gradient is recorded. The recurrent projection's follows
-    from it: gates see ``gi_t + gh_t``, so their gradients are equal, except in the GRU's
-    candidate gate, ``tanh(gi_n + r_t * gh_n)``, where ``d gh_n = d gi_n * r_t``.
-    """
-
-    inputs: torch.Tensor  # [B, T, I] the layer's input
-    gi: torch.Tensor  # [B, T, G*H] input projection, its .grad filled by backward
-    h_prev: list[torch.Tensor]  # T x [B, H] state each step started from, in time order
-    reset: list[torch.Tensor] | None  # GRU: T x [B, H] reset gates r_t, in time order
     names: tuple[str, str, str, str]  # weight_ih, weight_hh, bias_ih, bias_hh
+    inputs: torch.Tensor  # [T, B, I]
+    h_prev: torch.Tensor  # [T, B, H] the state each step started from
+    d_gi: torch.Tensor  # [T, B, G] gradient of the input pre-activations
+    d_gh: torch.Tensor  # [T, B, G] ... of the recurrent ones (the same tensor but in the GRU)
+    _bias: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def bias_samples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample gradients [B, G] of the input and recurrent biases, summed once."""
+        if self._bias is None:
+            d_bi = self.d_gi.sum(0)
+            self._bias = (d_bi, d_bi if self.d_gh is self.d_gi else self.d_gh.sum(0))
+        return self._bias
+
+
+@dataclass
+class _Pass:
+    """What one training forward pass of a layer leaves for Opacus's grad sampler."""
+
+    layer: nn.Module
+    sequences: list[_Sequence] = field(default_factory=list)
+    output_norm: torch.Tensor | None = None  # of the gradient reaching the layer's output
 
 
 class _Recurrent(nn.Module):
@@ -72,8 +94,7 @@ class _Recurrent(nn.Module):
                                             nn.Parameter(torch.empty(gates)))
                     self.register_parameter(f"bias_hh_l{layer}{suffix}",
                                             nn.Parameter(torch.empty(gates)))
-        self._captures: list[_Capture] = []
-        self._output: torch.Tensor | None = None
+        self._pass: _Pass | None = None
         self.register_forward_pre_hook(_input_in_autograd)
         self.reset_parameters()
 
@@ -86,34 +107,18 @@ class _Recurrent(nn.Module):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"batch_first={self.batch_first}, bidirectional={self.bidirectional}")
 
-    # --- the cells (torch's equations) ---------------------------------------------------------
-    def _cell(self, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """One step: (new h, new c or None, GRU reset gate or None)."""
-        if self.mode == "LSTM":
-            i, f, g, o = (gi + gh).chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            return torch.sigmoid(o) * torch.tanh(c), c, None
-        if self.mode == "GRU":
-            ir, iz, in_ = gi.chunk(3, dim=-1)
-            hr, hz, hn = gh.chunk(3, dim=-1)
-            r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-            n = torch.tanh(in_ + r * hn)
-            return n + z * (h - n), None, r
-        pre = gi + gh
-        return (torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)), None, None
-
     def forward(self, input: torch.Tensor, hx=None, lengths: torch.Tensor | None = None):
-        x = input if self.batch_first else input.transpose(0, 1)  # [B, T, I]
-        batch, steps = x.shape[0], x.shape[1]
-        capture = self.training and torch.is_grad_enabled()
+        x = input.transpose(0, 1) if self.batch_first else input  # time-major [T, B, I]
+        steps, batch = x.shape[0], x.shape[1]
         directions = 2 if self.bidirectional else 1
         h0, c0 = self._initial_state(hx, batch, directions, x)
         mask = None
         if lengths is not None:
-            mask = (torch.arange(steps, device=x.device)[None, :]
-                    < lengths.to(x.device)[:, None]).to(x.dtype).unsqueeze(-1)  # [B, T, 1]
-        self._captures = []
+            mask = (torch.arange(steps, device=x.device)[:, None]
+                    < lengths.to(x.device)[None, :]).to(x.dtype).unsqueeze(-1)  # [T, B, 1]
+        recording = self.training and torch.is_grad_enabled()
+        record = _Pass(self) if recording else None
+        self._pass = record
         h_n, c_n = [], []
         layer_input = x
         for layer in range(self.num_layers):
@@ -123,48 +128,25 @@ class _Recurrent(nn.Module):
                 suffix = "_reverse" if direction else ""
                 names = (f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}",
                          f"bias_ih_l{layer}{suffix}", f"bias_hh_l{layer}{suffix}")
-                w_ih, w_hh = getattr(self, names[0]), getattr(self, names[1])
-                b_ih = getattr(self, names[2]) if self.bias else None
-                b_hh = getattr(self, names[3]) if self.bias else None
-                gi = F.linear(layer_input, w_ih, b_ih)  # [B, T, G*H], all steps at once
-                # One unbind, not a slice per step: each slice's backward would write a
-                # zero tensor the size of the whole sequence (measured: half the step).
-                gi_steps = gi.unbind(1)
-                h = h0[index]
-                c = c0[index] if c0 is not None else None
-                out: list[torch.Tensor | None] = [None] * steps
-                h_prev: list[torch.Tensor | None] = [None] * steps
-                reset: list[torch.Tensor | None] = [None] * steps
-                for t in (reversed(range(steps)) if direction else range(steps)):
-                    gh = F.linear(h, w_hh, b_hh)  # [B, G*H]
-                    h_new, c_new, r = self._cell(gi_steps[t], gh, h, c)
-                    if mask is not None:
-                        m = mask[:, t]
-                        h_new = h + m * (h_new - h)
-                        if c is not None:
-                            c_new = c + m * (c_new - c)
-                    if capture:
-                        h_prev[t] = h.detach()
-                        reset[t] = r.detach() if r is not None else None
-                    h, c = h_new, c_new
-                    out[t] = h if mask is None else h * mask[:, t]
-                if capture:
-                    gi.retain_grad()
-                    self._captures.append(_Capture(
-                        layer_input.detach(), gi, h_prev,
-                        reset if self.mode == "GRU" else None, names))
-                outputs.append(torch.stack(out, dim=1))
-                h_n.append(h)
-                if c is not None:
-                    c_n.append(c)
+                weights = [getattr(self, n) if self.bias or i < 2 else None
+                           for i, n in enumerate(names)]
+                result = _Sweep.apply(layer_input, h0[index],
+                                      c0[index] if c0 is not None else None, *weights,
+                                      self.mode, self.nonlinearity, bool(direction), mask,
+                                      record, names)
+                outputs.append(result[0])
+                h_n.append(result[1])
+                if self.mode == "LSTM":
+                    c_n.append(result[2])
             layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         output = layer_input
-        if capture:
-            output.retain_grad()
-            self._output = output
-        if not self.batch_first:
+        if record is not None and output.requires_grad:
+            # A hook, not ``retain_grad``: the record must not hold the output, whose graph
+            # holds the record (a cycle through autograd's C++ nodes is never collected).
+            output.register_hook(partial(_keep_norm, record))
+        if self.batch_first:
             output = output.transpose(0, 1)
         h_n = torch.stack(h_n)
         if self.mode == "LSTM":
@@ -181,18 +163,352 @@ class _Recurrent(nn.Module):
         return (x.new_zeros(shape) if hx is None else hx), None
 
 
+def _keep_norm(record: _Pass, grad: torch.Tensor) -> None:
+    record.output_norm = grad.pow(2).sum().sqrt()
+
+
 def _input_in_autograd(module: _Recurrent, args: tuple) -> tuple | None:
     """Opacus computes per-sample gradients in the module's full backward hook. If the input
     needs no gradient, torch fires that hook as soon as the *output's* gradient is known,
-    before the recurrence has been backpropagated and the captures filled. Making the
-    input part of autograd (it runs before torch wraps the inputs) moves the hook to the
-    end of the layer's backward pass; the extra gradient costs one small matmul."""
+    before the recurrence has been backpropagated. Making the input part of autograd (this
+    runs before torch wraps the inputs) moves the hook to the end of the layer's backward
+    pass; the extra input gradient costs one small matmul."""
     if not (module.training and torch.is_grad_enabled()) or not args:
         return None
     x = args[0]
     if isinstance(x, torch.Tensor) and not x.requires_grad and x.is_floating_point():
         return (x.detach().requires_grad_(), *args[1:])
     return None
+
+
+class _Sweep(torch.autograd.Function):
+    """One layer in one direction over the whole sequence, time-major, as one autograd node.
+
+    Inputs: x [T, B, I], h0/c0 [B, H], torch's four weights, the cell, the direction, an
+    optional mask [T, B, 1] of valid steps, and the layer's ``_Pass`` (or None).
+    Outputs: the output sequence [T, B, H], h_n, and c_n for the LSTM.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, mode, nonlinearity, reverse, mask,
+                record, names):
+        steps, batch = x.shape[0], x.shape[1]
+        hidden = w_hh.shape[1]
+        x = x.contiguous()
+        bias = _input_bias(mode, b_ih, b_hh, hidden)
+        flat = x.reshape(steps * batch, x.shape[2])
+        gi = (torch.addmm(bias, flat, w_ih.t()) if bias is not None
+              else torch.mm(flat, w_ih.t())).view(steps, batch, w_ih.shape[0])
+        # states[k]: the state before the k-th step in time order (forward) or after it
+        # (reverse); both directions read h_{t-1} from ``states[prev]`` and write ``[next]``.
+        states = x.new_empty(steps + 1, batch, hidden)
+        first = steps if reverse else 0
+        states[first] = h0
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        saved = _FORWARD[mode](gi, states, first, c0, w_hh, b_hh, order, reverse, mask,
+                               nonlinearity)
+        last = 0 if reverse else steps
+        out = states[:steps] if reverse else states[1:]
+        if mask is not None:
+            out = out * mask
+        ctx.mode, ctx.nonlinearity, ctx.reverse, ctx.mask = mode, nonlinearity, reverse, mask
+        ctx.record, ctx.names, ctx.order, ctx.saved = record, names, order, saved
+        ctx.x, ctx.states, ctx.has_c = x, states, c0 is not None
+        ctx.save_for_backward(w_ih, w_hh, b_ih, b_hh)
+        if mode == "LSTM":
+            cells = saved["cells"]
+            return out, states[last], cells[last]
+        return out, states[last]
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn=None):
+        w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
+        x, states, mask, reverse = ctx.x, ctx.states, ctx.mask, ctx.reverse
+        steps = x.shape[0]
+        h_prev = states[1:] if reverse else states[:steps]  # [T, B, H], h_{t-1} per step
+        if mask is not None:
+            d_out = d_out * mask
+        first = getattr(ctx, "first", None)
+        if first is not None and not _opacus_will_sample(ctx.record):
+            ratio = _per_sample_ratio(first, d_out, d_hn, d_cn)
+            if ratio is not None:
+                return _replay(ctx, first, ratio, x, h_prev, b_ih is not None)
+        d_gi, d_gh, d_h0, d_c0 = _BACKWARD[ctx.mode](
+            ctx.saved, states, d_out, d_hn, d_cn, w_hh, ctx.order, reverse, mask,
+            ctx.nonlinearity)
+        sequence = None
+        if _opacus_will_sample(ctx.record):  # per-sample work is the grad/norm sampler's
+            sequence = _Sequence(ctx.names, x, h_prev, d_gi, d_gh)
+            ctx.record.sequences.append(sequence)
+            grads = [None] * 4
+        else:
+            grads = _weight_grads(ctx, d_gi, d_gh, x, h_prev, b_ih is not None)
+        d_x = None
+        if ctx.needs_input_grad[0]:
+            d_x = torch.mm(d_gi.reshape(-1, d_gi.shape[2]), w_ih).view_as(x)
+        # Kept for a second backward pass through the same graph (Opacus's ghost clipping
+        # reruns backward with every sample's gradient rescaled): see ``_replay``.
+        ctx.first = _Backward(d_out, d_hn, d_cn, d_gi, d_gh, d_x, d_h0, d_c0, sequence)
+        return (d_x, d_h0 if ctx.needs_input_grad[1] else None,
+                d_c0 if ctx.has_c and ctx.needs_input_grad[2] else None, *grads,
+                None, None, None, None, None, None)
+
+
+@dataclass
+class _Backward:
+    """One backward pass of a ``_Sweep``: the gradients it received and those it made."""
+
+    d_out: torch.Tensor  # [T, B, H]
+    d_hn: torch.Tensor  # [B, H]
+    d_cn: torch.Tensor | None
+    d_gi: torch.Tensor  # [T, B, G]
+    d_gh: torch.Tensor
+    d_x: torch.Tensor | None  # [T, B, I]
+    d_h0: torch.Tensor  # [B, H]
+    d_c0: torch.Tensor | None
+    sequence: _Sequence | None  # what the pass recorded for Opacus, if it did
+
+
+def _per_sample_ratio(first: _Backward, d_out: torch.Tensor, d_hn: torch.Tensor,
+                      d_cn: torch.Tensor | None) -> torch.Tensor | None:
+    """``r`` [B] such that this backward pass's incoming gradients are ``r_b`` times the
+    first pass's for every sample ``b`` (to float rounding), or None."""
+    if (d_cn is None) != (first.d_cn is None):
+        return None
+    pairs = [(d_out, first.d_out, (0, 2)), (d_hn, first.d_hn, (1,))]
+    if d_cn is not None:
+        pairs.append((d_cn, first.d_cn, (1,)))
+    dot = sum((new * old).sum(dims) for new, old, dims in pairs)
+    norm2 = sum((old * old).sum(dims) for _new, old, dims in pairs)
+    ratio = torch.where(norm2 > 0, dot / norm2.clamp(min=torch.finfo(norm2.dtype).tiny), 0)
+    residual = sum((new - old * (ratio.view(1, -1, 1) if old.dim() == 3 else ratio[:, None]))
+                   .pow(2).sum() for new, old, _dims in pairs)
+    total = sum(new.pow(2).sum() for new, _old, _dims in pairs)
+    # float32 rounding of a rescaled gradient is about 1e-7 of it; anything else fails
+    if residual > (1e-5 ** 2) * total:
+        return None
+    return ratio
+
+
+def _replay(ctx, first: _Backward, ratio: torch.Tensor, x, h_prev, has_bias: bool):
+    """The backward pass is linear in its incoming gradients, and the recurrence never mixes
+    samples: rescaling sample ``b``'s incoming gradient by ``r_b`` rescales its gate
+    gradients, input gradient and initial-state gradients by ``r_b``. So a second pass of
+    rescaled gradients needs no time loop: the weight gradients are one matmul each with
+    the rescaling folded into the smaller operand."""
+    wanted = ctx.needs_input_grad
+    per_step = ratio.view(1, -1, 1)
+    per_row = ratio[:, None]
+    gates = first.d_gi.shape[2]
+    grads = [None] * 4
+    if wanted[3]:
+        grads[0] = torch.mm(first.d_gi.reshape(-1, gates).t(),
+                            (x * per_step).reshape(-1, x.shape[2]))
+    if wanted[4]:
+        grads[1] = torch.mm(first.d_gh.reshape(-1, gates).t(),
+                            (h_prev * per_step).reshape(-1, h_prev.shape[2]))
+    if has_bias and (wanted[5] or wanted[6]):
+        sequence = first.sequence or _Sequence(ctx.names, x, h_prev, first.d_gi, first.d_gh)
+        d_bi, d_bh = sequence.bias_samples()
+        grads[2] = ratio @ d_bi if wanted[5] else None
+        grads[3] = ratio @ d_bh if wanted[6] else None
+    d_x = first.d_x * per_step if wanted[0] and first.d_x is not None else None
+    d_h0 = first.d_h0 * per_row if wanted[1] else None
+    d_c0 = first.d_c0 * per_row if ctx.has_c and wanted[2] else None
+    return (d_x, d_h0, d_c0, *grads, None, None, None, None, None, None)
+
+
+def _input_bias(mode: str, b_ih, b_hh, hidden: int):
+    """The bias added with the input projection. The GRU's recurrent bias stays with its
+    recurrent projection: the candidate sees ``r * (W_hn h + b_hn)``."""
+    if b_ih is None or mode == "GRU":
+        return b_ih
+    return b_ih + b_hh
+
+
+def _opacus_will_sample(record: _Pass | None) -> bool:
+    """Opacus's forward hook stores the layer's inputs in ``layer.activations`` and its
+    backward hook, which runs after this layer's backward pass, takes them back out; so
+    during the backward pass a non-empty list means per-sample gradients will be asked for
+    (hooks disabled or no Opacus: no list)."""
+    return record is not None and bool(getattr(record.layer, "activations", None))
+
+
+def _weight_grads(ctx, d_gi, d_gh, x, h_prev, has_bias: bool) -> list[torch.Tensor | None]:
+    """Gradients of w_ih, w_hh, b_ih, b_hh: one matmul or sum each."""
+    wanted = ctx.needs_input_grad[3:7]
+    flat_gi = d_gi.reshape(-1, d_gi.shape[2])
+    flat_gh = d_gh.reshape(-1, d_gh.shape[2])
+    return [torch.mm(flat_gi.t(), x.reshape(-1, x.shape[2])) if wanted[0] else None,
+            torch.mm(flat_gh.t(), h_prev.reshape(-1, h_prev.shape[2])) if wanted[1] else None,
+            flat_gi.sum(0) if has_bias and wanted[2] else None,
+            flat_gh.sum(0) if has_bias and wanted[3] else None]
+
+
+# --- the cells: torch's equations, forward and backward over all steps -----------------------
+# Each forward writes the states, keeps what its backward needs, and returns it as a dict.
+# Each backward returns (d_gi, d_gh, d_h0, d_c0): the gradients of the input and recurrent
+# pre-activations [T, B, G] (the same tensor except in the GRU) and of the initial state.
+# Gate derivatives that do not depend on the incoming gradient are computed for all steps
+# at once, so each backward step is a few multiplies and one matmul.
+
+def _steps(order, reverse: bool):
+    for t in order:
+        yield t, (t + 1 if reverse else t), (t if reverse else t + 1)
+
+
+def _mask_state(states: torch.Tensor, prev: int, nxt: int, m: torch.Tensor) -> None:
+    """A padded step keeps the previous state (m is 0 or 1)."""
+    states[nxt].sub_(states[prev]).mul_(m).add_(states[prev])
+
+
+def _lstm_forward(gi, states, first, c0, w_hh, b_hh, order, reverse, mask, nonlinearity):
+    steps, batch, gates = gi.shape
+    hidden = gates // 4
+    cells = gi.new_empty(steps + 1, batch, hidden)
+    cells[first] = c0
+    tanh_c = gi.new_empty(steps, batch, hidden)
+    w_t = w_hh.t()
+    for t, prev, nxt in _steps(order, reverse):
+        g = gi[t]  # activations overwrite the pre-activations in place
+        g.addmm_(states[prev], w_t)
+        g[:, : 2 * hidden].sigmoid_()
+        g[:, 2 * hidden: 3 * hidden].tanh_()
+        g[:, 3 * hidden:].sigmoid_()
+        c = torch.mul(g[:, hidden: 2 * hidden], cells[prev], out=cells[nxt])
+        c.addcmul_(g[:, :hidden], g[:, 2 * hidden: 3 * hidden])
+        torch.tanh(c, out=tanh_c[t])
+        torch.mul(g[:, 3 * hidden:], tanh_c[t], out=states[nxt])
+        if mask is not None:
+            _mask_state(states, prev, nxt, mask[t])
+            _mask_state(cells, prev, nxt, mask[t])
+    return {"acts": gi, "cells": cells, "tanh_c": tanh_c}
+
+
+def _lstm_backward(saved, states, d_out, d_hn, d_cn, w_hh, order, reverse, mask, _nl):
+    acts, cells, tanh_c = saved["acts"], saved["cells"], saved["tanh_c"]
+    steps, batch, gates = acts.shape
+    hidden = gates // 4
+    i, f, g, o = acts.view(steps, batch, 4, hidden).unbind(2)
+    c_prev = cells[1:] if reverse else cells[:steps]
+    # d(pre-activation) = k * d(c) for i, f, g and k * d(h) for o. Few passes, in place:
+    # these arrays are [T, B, H] each, and every pass over them costs about a millisecond.
+    k = torch.addcmul(acts, acts, acts, value=-1).view(steps, batch, 4, hidden)  # a(1 - a)
+    k[:, :, 2].add_(1).sub_(g)  # the cell gate is a tanh: 1 - g^2 = g(1 - g) + 1 - g
+    k[:, :, 0].mul_(g)
+    k[:, :, 1].mul_(c_prev)
+    k[:, :, 2].mul_(i)
+    k[:, :, 3].mul_(tanh_c)
+    o_dtanh = torch.addcmul(o, o, tanh_c * tanh_c, value=-1)  # d(c) += d(h) * o * tanh'(c)
+    if mask is not None:
+        k[:, :, 3].mul_(mask)
+        o_dtanh.mul_(mask)
+        keep = 1 - mask
+    d_g = acts.new_empty(steps, batch, gates)
+    d_gv = d_g.view(steps, batch, 4, hidden)
+    dh = d_hn.clone()
+    dc = d_cn.clone() if d_cn is not None else torch.zeros_like(dh)
+    for t, _prev, _nxt in reversed(list(_steps(order, reverse))):
+        dh.add_(d_out[t])
+        if mask is None:
+            dc_t = dc.addcmul_(dh, o_dtanh[t])
+        else:
+            dc_t = torch.addcmul(dc * mask[t], dh, o_dtanh[t])
+        torch.mul(dc_t.unsqueeze(1), k[t, :, :3], out=d_gv[t, :, :3])
+        torch.mul(dh, k[t, :, 3], out=d_gv[t, :, 3])
+        dc_next = dc_t * f[t]
+        through = torch.mm(d_g[t], w_hh)
+        if mask is not None:
+            dc_next.addcmul_(dc, keep[t])
+            through.addcmul_(dh, keep[t])
+        dh, dc = through, dc_next
+    return d_g, d_g, dh, dc
+
+
+def _gru_forward(gi, states, first, c0, w_hh, b_hh, order, reverse, mask, nonlinearity):
+    steps, batch, gates = gi.shape
+    hidden = gates // 3
+    gh = gi.new_empty(steps, batch, gates)  # recurrent pre-activations (W_hh h + b_hh)
+    rz = gi.new_empty(steps, batch, 2 * hidden)
+    cand = gi.new_empty(steps, batch, hidden)
+    w_t = w_hh.t()
+    for t, prev, nxt in _steps(order, reverse):
+        h = states[prev]
+        if b_hh is not None:
+            torch.addmm(b_hh, h, w_t, out=gh[t])
+        else:
+            torch.mm(h, w_t, out=gh[t])
+        torch.add(gi[t, :, : 2 * hidden], gh[t, :, : 2 * hidden], out=rz[t]).sigmoid_()
+        n = torch.addcmul(gi[t, :, 2 * hidden:], rz[t, :, :hidden], gh[t, :, 2 * hidden:],
+                          out=cand[t]).tanh_()
+        torch.lerp(n, h, rz[t, :, hidden:], out=states[nxt])  # n + z * (h - n)
+        if mask is not None:
+            _mask_state(states, prev, nxt, mask[t])
+    return {"gh": gh, "rz": rz, "cand": cand}
+
+
+def _gru_backward(saved, states, d_out, d_hn, _dc, w_hh, order, reverse, mask, _nl):
+    gh, rz, n = saved["gh"], saved["rz"], saved["cand"]
+    steps, batch, gates = gh.shape
+    hidden = gates // 3
+    r, z = rz[..., :hidden], rz[..., hidden:]
+    h_prev = states[1:] if reverse else states[:steps]
+    d_npre = (1 - z) * (1 - n * n)  # per unit of d(h)
+    k_gi = torch.stack([d_npre * gh[..., 2 * hidden:] * r * (1 - r),
+                        (h_prev - n) * z * (1 - z), d_npre], dim=2)
+    k_gh = k_gi.clone()
+    k_gh[:, :, 2] *= r  # the candidate sees r * (W_hn h + b_hn)
+    carry = z  # d(h_{t-1}) += d(h_t) * z
+    if mask is not None:
+        k_gi *= mask.unsqueeze(2)
+        k_gh *= mask.unsqueeze(2)
+        carry = z * mask + (1 - mask)
+    d_gi = gh.new_empty(steps, batch, gates)
+    d_gh = gh.new_empty(steps, batch, gates)
+    d_giv = d_gi.view(steps, batch, 3, hidden)
+    d_ghv = d_gh.view(steps, batch, 3, hidden)
+    dh = d_hn.clone()
+    for t, _prev, _nxt in reversed(list(_steps(order, reverse))):
+        dh.add_(d_out[t])
+        du = dh.unsqueeze(1)
+        torch.mul(du, k_gi[t], out=d_giv[t])
+        torch.mul(du, k_gh[t], out=d_ghv[t])
+        dh = torch.addmm(dh * carry[t], d_gh[t], w_hh)
+    return d_gi, d_gh, dh, None
+
+
+def _rnn_forward(gi, states, first, c0, w_hh, b_hh, order, reverse, mask, nonlinearity):
+    w_t = w_hh.t()
+    for t, prev, nxt in _steps(order, reverse):
+        pre = gi[t].addmm_(states[prev], w_t)
+        if nonlinearity == "tanh":
+            torch.tanh(pre, out=states[nxt])
+        else:
+            torch.clamp(pre, min=0, out=states[nxt])  # relu has no out=
+        if mask is not None:
+            _mask_state(states, prev, nxt, mask[t])
+    return {}
+
+
+def _rnn_backward(saved, states, d_out, d_hn, _dc, w_hh, order, reverse, mask, nonlinearity):
+    steps = states.shape[0] - 1
+    h = states[:steps] if reverse else states[1:]  # each step's output state
+    k = 1 - h * h if nonlinearity == "tanh" else (h > 0).to(h.dtype)
+    if mask is not None:
+        k = k * mask
+        keep = 1 - mask
+    d_g = h.new_empty(h.shape)
+    dh = d_hn.clone()
+    for t, _prev, _nxt in reversed(list(_steps(order, reverse))):
+        dh.add_(d_out[t])
+        torch.mul(dh, k[t], out=d_g[t])
+        through = torch.mm(d_g[t], w_hh)
+        dh = through if mask is None else through.addcmul_(dh, keep[t])
+    return d_g, d_g, dh, None
+
+
+_FORWARD = {"LSTM": _lstm_forward, "GRU": _gru_forward, "RNN": _rnn_forward}
+_BACKWARD = {"LSTM": _lstm_backward, "GRU": _gru_backward, "RNN": _rnn_backward}
 
 
 class LSTM(_Recurrent):
@@ -221,36 +537,112 @@ class RNN(_Recurrent):
     mode = "RNN"
 
 
+class Embedding(nn.Embedding):
+    """``torch.nn.Embedding``, except under Opacus's ghost clipping: its per-sample gradient
+    norms come from its per-sample gradients (B x vocabulary x dimension, small for
+    character and word-piece models) instead of Opacus's embedding norm sampler, whose
+    index deduplication took about 23 ms of a 220 ms DP-SGD step of the LEAF model
+    (``torch.profiler``: ``unique_dim``, ``select``, ``equal`` on the token ids)."""
+
+
+register_grad_sampler(Embedding)(compute_embedding_grad_sample)
+
+
 @register_grad_sampler([LSTM, GRU, RNN])
 def _recurrent_grad_sample(layer: _Recurrent, activations: list[torch.Tensor],
                            backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradients of every weight of ``layer`` from its captured forward pass.
+    """Per-sample gradients of every weight of ``layer`` from its last backward pass.
 
-    ``backprops`` is the gradient of the layer's output as Opacus scaled it (times the
-    batch size for a mean loss); the captured gradients are unscaled, so they are rescaled
-    by the ratio of the two norms. This assumes the loss reaches the layer through its
-    output sequence, as in every fedrnn model.
+    Opacus's scale (``_take_pass``) is folded into the smaller operand of each
+    contraction. The ordinary gradient, which the backward pass left out, is set here
+    from the same contractions, so ``p.grad`` holds what autograd would have.
     """
-    raw = layer._output.grad if layer._output is not None else None
-    scale = 1.0
-    if raw is not None:
-        raw_norm = raw.pow(2).sum().sqrt()
-        if raw_norm > 0:
-            scale = (backprops.pow(2).sum().sqrt() / raw_norm).item()
+    record, scale = _take_pass(layer, backprops)
     samples: dict[nn.Parameter, torch.Tensor] = {}
-    for cap in layer._captures:
-        d_gi = cap.gi.grad if cap.gi.grad is not None else torch.zeros_like(cap.gi)
-        d_gh = d_gi  # [B, T, G*H]
-        if cap.reset is not None:  # GRU: the candidate gate sees r_t * gh_n
-            hidden = layer.hidden_size
-            d_gh = torch.cat([d_gi[..., : 2 * hidden],
-                              d_gi[..., 2 * hidden:] * torch.stack(cap.reset, dim=1)], dim=-1)
-        h_prev = torch.stack(cap.h_prev, dim=1)  # [B, T, H]
-        w_ih, w_hh = getattr(layer, cap.names[0]), getattr(layer, cap.names[1])
-        samples[w_ih] = torch.einsum("btg,bti->bgi", d_gi, cap.inputs) * scale
-        samples[w_hh] = torch.einsum("btg,bth->bgh", d_gh, h_prev) * scale
+    for seq in record.sequences:
+        w_ih, w_hh = getattr(layer, seq.names[0]), getattr(layer, seq.names[1])
+        for weight, d_g, operand in ((w_ih, seq.d_gi, seq.inputs), (w_hh, seq.d_gh, seq.h_prev)):
+            batch = operand.shape[1]
+            # Opacus copies what a grad sampler returns into the parameter's grad_sample
+            # (create_or_accumulate_grad_sample), so the output buffer can serve every step:
+            # a fresh 67 MB tensor per weight and step costs its page faults each time.
+            out = _buffer(layer, seq.names[0] if weight is w_ih else seq.names[1],
+                          (batch, *weight.shape), operand)
+            samples[weight] = torch.bmm(d_g.permute(1, 2, 0), (operand * scale).transpose(0, 1),
+                                        out=out)
+            _accumulate_grad(weight, samples[weight].sum(0), 1.0 / scale)
         if layer.bias:
-            samples[getattr(layer, cap.names[2])] = d_gi.sum(dim=1) * scale
-            samples[getattr(layer, cap.names[3])] = d_gh.sum(dim=1) * scale
-    layer._captures, layer._output = [], None
+            for name, per_sample in zip(seq.names[2:], seq.bias_samples(), strict=True):
+                bias = getattr(layer, name)
+                _accumulate_grad(bias, per_sample.sum(0), 1.0)
+                samples[bias] = per_sample * scale
     return samples
+
+
+@register_norm_sampler([LSTM, GRU, RNN])
+def _recurrent_norm_sample(layer: _Recurrent, activations: list[torch.Tensor],
+                           backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norms of every weight of ``layer``, for Opacus's ghost clipping
+    (``grad_sample_mode="ghost"``): no per-sample gradient is kept, and the clipped sum
+    comes from Opacus's second backward pass (see ``_replay``)."""
+    record, scale = _take_pass(layer, backprops)
+    norms: dict[nn.Parameter, torch.Tensor] = {}
+    for seq in record.sequences:
+        norms[getattr(layer, seq.names[0])] = _sample_norms(layer, seq.names[0], seq.d_gi,
+                                                            seq.inputs) * scale
+        norms[getattr(layer, seq.names[1])] = _sample_norms(layer, seq.names[1], seq.d_gh,
+                                                            seq.h_prev) * scale
+        if layer.bias:
+            for name, per_sample in zip(seq.names[2:], seq.bias_samples(), strict=True):
+                norms[getattr(layer, name)] = per_sample.norm(dim=1) * scale
+    return norms
+
+
+def _sample_norms(layer: _Recurrent, name: str, d_g: torch.Tensor, operand: torch.Tensor
+                  ) -> torch.Tensor:
+    """``||sum_t d_g[t, b] (x) operand[t, b]||`` for every sample ``b``, the cheaper way.
+
+    Through the per-step Gram matrices, ``sum_{t,s} (d_g_t . d_g_s)(a_t . a_s)``, costs
+    ``T^2 (G + I)`` per sample and no [G, I] tensor; the per-sample gradient itself costs
+    ``T G I`` (fewer for small inputs, such as the first layer's embeddings)."""
+    steps, batch, gates = d_g.shape
+    width = operand.shape[2]
+    if steps * (gates + width) < gates * width:
+        grams = torch.bmm(d_g.transpose(0, 1), d_g.permute(1, 2, 0))  # [B, T, T]
+        grams.mul_(torch.bmm(operand.transpose(0, 1), operand.permute(1, 2, 0)))
+        return grams.sum((1, 2)).clamp(min=0).sqrt()
+    out = _buffer(layer, name, (batch, gates, width), operand)
+    torch.bmm(d_g.permute(1, 2, 0), operand.transpose(0, 1), out=out)
+    return out.flatten(1).norm(dim=1)
+
+
+def _take_pass(layer: _Recurrent, backprops: torch.Tensor) -> tuple[_Pass, float]:
+    """The layer's recorded pass, and the factor from its gradients to Opacus's:
+    ``backprops`` is the output's gradient as Opacus scaled it (times the batch size for
+    a mean loss), the backward pass saw the unscaled one. This assumes the loss reaches
+    the layer through its output sequence, as in every fedrnn model."""
+    record = layer._pass
+    layer._pass = None
+    if record is None or not record.sequences:
+        raise RuntimeError("no per-sample gradients were recorded: run one forward pass of "
+                           "the layer in training mode per backward pass")
+    scale = 1.0
+    if record.output_norm is not None and record.output_norm > 0:
+        scale = (backprops.pow(2).sum().sqrt() / record.output_norm).item()
+    return record, scale
+
+
+def _buffer(layer: _Recurrent, name: str, shape: tuple[int, ...], like: torch.Tensor
+            ) -> torch.Tensor:
+    buffers = layer.__dict__.setdefault("_sample_buffers", {})
+    buf = buffers.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype:
+        buf = buffers[name] = like.new_empty(shape)
+    return buf
+
+
+def _accumulate_grad(param: nn.Parameter, grad: torch.Tensor, scale: float) -> None:
+    """``param.grad += grad * scale`` as autograd would accumulate it."""
+    if scale != 1.0:
+        grad = grad.mul_(scale)
+    param.grad = grad if param.grad is None else param.grad + grad

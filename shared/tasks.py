@@ -61,20 +61,24 @@ def _per_step(model: nn.Module, batch: Batch, task: str):
 
 
 def loss(model: nn.Module, batch: Batch, task: str) -> torch.Tensor:
-    """Mean over the batch of each record's own mean loss."""
+    """Mean over the batch of each record's own mean loss (0 for an empty batch)."""
+    return record_losses(model, batch, task).sum() / max(len(batch[1]), 1)
+
+
+def record_losses(model: nn.Module, batch: Batch, task: str) -> torch.Tensor:
+    """Each record's own loss [B]: a classification's cross-entropy, or the mean over a
+    sequence's valid steps of its per-step loss."""
     inputs, lengths, labels = batch
-    batch_size = max(len(lengths), 1)
     if task == "classify":
         logits = model(_trim(inputs, lengths), lengths)
-        return F.cross_entropy(logits, labels, reduction="sum") / batch_size
+        return F.cross_entropy(logits, labels, reduction="none")
     pred, target, mask = _per_step(model, batch, task)
     if task == "lm":
         terms = F.cross_entropy(pred.transpose(1, 2), target, reduction="none") * mask
     else:
         terms = (pred - target) ** 2 * mask
     dims = tuple(range(1, terms.dim()))
-    per_record = terms.sum(dim=dims) / mask.sum(dim=dims).clamp(min=1)
-    return per_record.sum() / batch_size
+    return terms.sum(dim=dims) / mask.sum(dim=dims).clamp(min=1)
 
 
 @torch.no_grad()

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shared.memory import reuse_freed_memory
+
 IMPLEMENTATIONS = ("torch", "opacus", "fedrnn")
 VOCAB = 80  # LEAF Shakespeare's character set
 
@@ -63,13 +65,26 @@ def _layer(impl: str, spec: StepSpec) -> nn.Module:
     return cls(spec.embedding, spec.hidden, num_layers=spec.layers, batch_first=True)
 
 
-def make_step(impl: str, spec: StepSpec, seed: int = 0):
-    """A closure performing one full training step of ``impl`` on a fixed random batch."""
+def make_step(impl: str, spec: StepSpec, seed: int = 0, clipping: str = "ghost"):
+    """A closure performing one full training step of ``impl`` on a fixed random batch.
+
+    ``clipping`` is Opacus's ``grad_sample_mode`` for fedrnn's layers: ``ghost`` (per-sample
+    gradient norms, then Opacus's second backward pass for the clipped sum; what the client
+    uses) or ``hooks`` (per-sample gradients materialised, Opacus's default). Opacus's own
+    layer always runs in ``hooks`` mode, the mode its DP layers are documented with.
+    """
     torch.manual_seed(seed)
     model = CharModel(_layer(impl, spec), spec)
+    if impl == "fedrnn":
+        from shared import nn as fedrnn_layers
+
+        model.embed = fedrnn_layers.Embedding(VOCAB, spec.embedding)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     tokens = torch.randint(0, VOCAB, (spec.batch, spec.seq_len + 1))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    # contiguous: Opacus's ghost-clipping embedding code views the token ids
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    criterion = nn.CrossEntropyLoss()
+    mode = clipping if impl == "fedrnn" else "hooks"
     if impl != "torch":
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset
@@ -77,24 +92,30 @@ def make_step(impl: str, spec: StepSpec, seed: int = 0):
         loader = DataLoader(TensorDataset(inputs, targets), batch_size=spec.batch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model, optimizer, _ = PrivacyEngine().make_private(
+            private = PrivacyEngine().make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-                max_grad_norm=1.0, poisson_sampling=False)
+                max_grad_norm=1.0, poisson_sampling=False, criterion=criterion,
+                grad_sample_mode=mode)
+        model, optimizer = private[0], private[1]
+        if mode == "ghost":
+            criterion = private[2]  # per-sample losses for Opacus's two backward passes
     model.train()
+    shape = {"shape": (spec.batch, spec.seq_len)} if mode == "ghost" and impl != "torch" else {}
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         logits = model(inputs)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        loss = criterion(logits.reshape(-1, VOCAB), targets.reshape(-1), **shape)
         loss.backward()
         optimizer.step()
 
     return step
 
 
-def _peak_child(impl: str, spec: StepSpec, queue) -> None:
+def _peak_child(impl: str, spec: StepSpec, clipping: str, queue) -> None:
     warnings.simplefilter("ignore")
-    step = make_step(impl, spec)
+    reuse_freed_memory()
+    step = make_step(impl, spec, clipping=clipping)
     step()
     step()
     queue.put(_high_water_mib())
@@ -111,20 +132,22 @@ def _high_water_mib() -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024.0
 
 
-def peak_mb(impl: str, spec: StepSpec) -> float:
+def peak_mb(impl: str, spec: StepSpec, clipping: str = "ghost") -> float:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_child, args=(impl, spec, queue))
+    proc = ctx.Process(target=_peak_child, args=(impl, spec, clipping, queue))
     proc.start()
     value = queue.get()
     proc.join()
     return float(value)
 
 
-def bench_dp_step(spec: StepSpec, *, repeats: int = 5, progress=None) -> list[dict]:
+def bench_dp_step(spec: StepSpec, *, repeats: int = 5, clipping: str = "ghost",
+                  progress=None) -> list[dict]:
     """Median milliseconds per step and peak MiB of each implementation."""
     warnings.simplefilter("ignore")
-    steps = {impl: make_step(impl, spec) for impl in IMPLEMENTATIONS}
+    reuse_freed_memory()  # as the client does before training (shared.memory)
+    steps = {impl: make_step(impl, spec, clipping=clipping) for impl in IMPLEMENTATIONS}
     for impl, step in steps.items():  # warm-up
         step()
         if progress:
@@ -141,15 +164,15 @@ def bench_dp_step(spec: StepSpec, *, repeats: int = 5, progress=None) -> list[di
     del steps
     return [{"impl": impl, "model": spec.model,
              "ms_per_step": 1000 * statistics.median(times[impl]),
-             "peak_mb": peak_mb(impl, spec)} for impl in IMPLEMENTATIONS]
+             "peak_mb": peak_mb(impl, spec, clipping)} for impl in IMPLEMENTATIONS]
 
 
-def format_table(rows: list[dict], spec: StepSpec) -> str:
+def format_table(rows: list[dict], spec: StepSpec, clipping: str = "ghost") -> str:
     base = next(r["ms_per_step"] for r in rows if r["impl"] == "torch")
     opacus = next(r["ms_per_step"] for r in rows if r["impl"] == "opacus")
     lines = [f"DP-SGD step, {spec.model}: batch {spec.batch}, {spec.seq_len} steps, "
              f"{spec.layers} x {spec.hidden}, embedding {spec.embedding}, "
-             f"{torch.get_num_threads()} threads",
+             f"{torch.get_num_threads()} threads; fedrnn in Opacus's {clipping!r} mode",
              f"{'impl':<8}{'ms/step':>10}{'x torch':>10}{'opacus/x':>10}{'peak MiB':>10}"]
     for r in rows:
         lines.append(f"{r['impl']:<8}{r['ms_per_step']:>10.1f}{r['ms_per_step'] / base:>10.2f}"
@@ -157,13 +180,14 @@ def format_table(rows: list[dict], spec: StepSpec) -> str:
     return "\n".join(lines)
 
 
-def main_dp_step(spec: StepSpec, *, as_json: bool, repeats: int) -> None:
+def main_dp_step(spec: StepSpec, *, as_json: bool, repeats: int, clipping: str = "ghost"
+                 ) -> None:
     import sys
 
-    rows = bench_dp_step(spec, repeats=repeats,
+    rows = bench_dp_step(spec, repeats=repeats, clipping=clipping,
                          progress=lambda m: print(f"fedrnn: bench: {m}", file=sys.stderr))
     if as_json:
         for row in rows:
             print(json.dumps(row))
     else:
-        print(format_table(rows, spec))
+        print(format_table(rows, spec, clipping))

@@ -104,3 +104,151 @@ def test_per_sample_gradients_equal_a_per_example_loop(mode, layers, batch_first
         reference(xi, lengths[i: i + 1]).pow(2).sum().backward()
         for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
             assert torch.allclose(p.grad_sample[i], q.grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("mode,layers,batch_first,bidirectional,bias", list(itertools.product(
+    MODES, [1, 2], [True, False], [False, True], [True, False])))
+def test_gradients_equal_torchs(mode, layers, batch_first, bidirectional, bias):
+    """The hand-written backward pass: weights, input and initial states, as torch's."""
+    ref, mine = _pair(mode, num_layers=layers, batch_first=batch_first,
+                      bidirectional=bidirectional, bias=bias)
+    ref.train(), mine.train()
+    directions = 2 if bidirectional else 1
+    x = torch.randn(3, 6, 5) if batch_first else torch.randn(6, 3, 5)
+    h0 = torch.randn(layers * directions, 3, 7)
+    weights_out = torch.randn(x.shape[0], x.shape[1], 7 * directions)
+    weights_h = torch.randn_like(h0)
+    grads = []
+    for layer in (ref, mine):
+        xi, hi = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        ci = torch.randn_like(h0, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        out, state = layer(xi, (hi, ci) if mode == "LSTM" else hi)
+        h_n, c_n = state if mode == "LSTM" else (state, None)
+        loss = (out * weights_out).sum() + (h_n * weights_h).sum()
+        if c_n is not None:
+            loss = loss + (c_n * weights_h).pow(2).sum()
+        loss.backward()
+        inputs = [xi.grad, hi.grad] + ([ci.grad] if mode == "LSTM" else [])
+        grads.append(inputs + [p.grad for p in layer.parameters()])
+    for name, a, b in zip(["input", "h0", "c0"][: 3 if mode == "LSTM" else 2]
+                          + [n for n, _ in mine.named_parameters()], *grads, strict=False):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
+def _opacus_step(gsm, x, lengths):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm(x, lengths).pow(2).mean().backward()
+    return gsm
+
+
+def test_under_opacus_plain_gradient_is_kept_and_earlier_samples_are_untouched():
+    torch.manual_seed(2)
+    model = _Head("LSTM", 2, True, False)
+    plain = _Head("LSTM", 2, True, False)
+    plain.load_state_dict(model.state_dict())
+    x, lengths = torch.randn(5, 7, 4), torch.tensor([7, 3, 5, 1, 6])
+    plain(x, lengths).pow(2).mean().backward()
+    gsm = GradSampleModule(model, batch_first=True)
+    _opacus_step(gsm, x, lengths)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        # p.grad is what autograd gives without Opacus, and the mean of the per-sample
+        # gradients (Opacus scales those by the batch size for a mean loss)
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+        assert torch.allclose(p.grad_sample.mean(0), q.grad, atol=1e-6, rtol=1e-4), name
+    first = {name: p.grad_sample for name, p in model.named_parameters()}
+    copies = {name: g.clone() for name, g in first.items()}
+    for p in model.parameters():
+        p.grad, p.grad_sample = None, None
+    model.rnn.weight_hh_l0.data.mul_(0.5)  # a second step with other weights
+    _opacus_step(gsm, x, lengths)
+    for name, g in first.items():  # the layer reuses its own buffers, never Opacus's
+        assert torch.equal(g, copies[name]), name
+    assert not torch.equal(model.rnn.weight_hh_l0.grad_sample, copies["rnn.weight_hh_l0"])
+
+
+def test_a_training_pass_leaves_nothing_alive():
+    """The per-pass record is freed with the graph, with or without a backward pass (a
+    reference cycle through autograd's nodes would keep every step's tensors alive)."""
+    import gc
+    import weakref
+
+    layer = dpnn.LSTM(4, 6, batch_first=True).train()
+    out, state = layer(torch.randn(2, 3, 4))
+    record = weakref.ref(layer._pass)
+    out.sum().backward()
+    del out, state
+    layer._pass = None
+    gc.collect()
+    assert record() is None
+    out, state = layer(torch.randn(2, 3, 4))  # forward only, then dropped
+    record = weakref.ref(layer._pass)
+    del out, state
+    layer._pass = None
+    gc.collect()
+    assert record() is None
+
+
+def _private_step(mode, model, x, lengths, clip):
+    """One DP step with zero noise in Opacus's ``hooks`` or ``ghost`` mode; the gradients
+    it applied (clipped per sample, averaged)."""
+    from opacus import PrivacyEngine
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+    from torch.utils.data import DataLoader, TensorDataset
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loader = DataLoader(TensorDataset(x, lengths), batch_size=len(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
+            max_grad_norm=clip, poisson_sampling=False, grad_sample_mode=mode,
+            criterion=nn.MSELoss())
+        module, optimizer = private[0], private[1]
+        per_sample = module(x, lengths).pow(2)  # [B]
+        if mode == "ghost":
+            DPTensorFastGradientClipping(module, optimizer, per_sample, "mean").backward()
+        else:
+            per_sample.mean().backward()
+        optimizer.step()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("clip", [1e-3, 1e3])  # every sample clipped / none
+def test_ghost_clipping_applies_the_same_clipped_gradient_as_per_sample_clipping(mode, clip):
+    torch.manual_seed(4)
+    x = torch.randn(5, 7, 4)
+    lengths = torch.tensor([7, 3, 5, 1, 6])
+    hooks = _Head(mode, 2, True, True)
+    ghost = _Head(mode, 2, True, True)
+    ghost.load_state_dict(hooks.state_dict())
+    expected = _private_step("hooks", hooks, x, lengths, clip)
+    got = _private_step("ghost", ghost, x, lengths, clip)
+    for name, value in expected.items():
+        assert torch.allclose(got[name], value, atol=1e-7, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("steps,gates,width", [(3, 40, 30), (30, 8, 4)])  # Gram / direct
+def test_per_sample_norms_both_ways(steps, gates, width):
+    d_g, operand = torch.randn(steps, 6, gates), torch.randn(steps, 6, width)
+    layer = dpnn.GRU(width, gates // 3 or 1)
+    norms = dpnn._sample_norms(layer, "weight_hh_l0", d_g, operand)
+    expected = torch.einsum("tbg,tbi->bgi", d_g, operand).flatten(1).norm(dim=1)
+    assert torch.allclose(norms, expected, rtol=1e-4)
+
+
+def test_a_second_backward_pass_that_is_not_a_rescaling_is_computed_afresh():
+    ref, mine = _pair("LSTM", num_layers=2)
+    ref.train(), mine.train()
+    x = torch.randn(6, 3, 5)
+    grads = []
+    for layer in (ref, mine):
+        out, _ = layer(x)
+        out.pow(2).sum().backward(retain_graph=True)
+        first = [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad()
+        out[:2].sum().backward()  # other steps weighted otherwise: no per-sample ratio
+        grads.append(first + [p.grad for p in layer.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

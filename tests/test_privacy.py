@@ -6,7 +6,7 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
-from client.training import train
+from client.training import CLIPPING, backward, train
 from shared import tasks
 from shared.config import RunConfig
 from shared.data import client_data, resolve
@@ -56,6 +56,41 @@ def test_per_sample_gradients_are_exact_and_clipped(task, cell):
     optimizer.pre_step()  # clip, add (zero) noise, average over the expected batch size
     for p, expected in zip(model.parameters(), clipped_sum, strict=True):
         assert torch.allclose(p.grad * 8, expected, atol=1e-6)
+
+    # the client's own step: Opacus's ghost clipping, as client.training trains
+    model = copy.deepcopy(reference)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private, optimizer, _, _ = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
+            max_grad_norm=clip, poisson_sampling=False, grad_sample_mode=CLIPPING,
+            criterion=torch.nn.MSELoss())
+    private.train()
+    backward(private, optimizer, batch, task)
+    assert private.per_sample_gradient_norms.tolist() == pytest.approx(norms, rel=1e-4)
+    optimizer.pre_step()
+    for p, expected in zip(model.parameters(), clipped_sum, strict=True):
+        assert torch.allclose(p.grad * 8, expected, atol=1e-6)
+
+
+def test_an_empty_poisson_batch_is_a_step_of_noise_alone():
+    config = resolve(RunConfig(dataset="synthetic", clients=2, hidden_size=8, batch_size=8))
+    model = build_model(config)
+    data = client_data(config, 0).train
+    records = (data.inputs, data.lengths, data.labels)
+    empty = tuple(t[:0] for t in records)
+    loader = DataLoader(torch.utils.data.TensorDataset(*records), batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private, optimizer, _, _ = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=False, grad_sample_mode=CLIPPING, criterion=torch.nn.MSELoss())
+    before = [p.detach().clone() for p in model.parameters()]
+    assert backward(private, optimizer, empty, config.task) is None
+    optimizer.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
 
 
 def test_epsilon_grows_over_rounds_and_matches_an_independent_accountant(rdp_reference):
