@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
@@ -197,8 +198,12 @@ class _Sweep(torch.autograd.Function):
         x = x.contiguous()
         bias = _input_bias(mode, b_ih, b_hh, hidden)
         flat = x.reshape(steps * batch, x.shape[2])
-        gi = (torch.addmm(bias, flat, w_ih.t()) if bias is not None
-              else torch.mm(flat, w_ih.t())).view(steps, batch, w_ih.shape[0])
+        gi = _scratch(x, steps * batch, w_ih.shape[0])
+        if bias is not None:
+            torch.addmm(bias, flat, w_ih.t(), out=gi)
+        else:
+            torch.mm(flat, w_ih.t(), out=gi)
+        gi = gi.view(steps, batch, w_ih.shape[0])
         # states[k]: the state before the k-th step in time order (forward) or after it
         # (reverse); both directions read h_{t-1} from ``states[prev]`` and write ``[next]``.
         states = x.new_empty(steps + 1, batch, hidden)
@@ -278,16 +283,25 @@ def _per_sample_ratio(first: _Backward, d_out: torch.Tensor, d_hn: torch.Tensor,
     pairs = [(d_out, first.d_out, (0, 2)), (d_hn, first.d_hn, (1,))]
     if d_cn is not None:
         pairs.append((d_cn, first.d_cn, (1,)))
-    dot = sum((new * old).sum(dims) for new, old, dims in pairs)
-    norm2 = sum((old * old).sum(dims) for _new, old, dims in pairs)
+    dot = sum(_dots(new, old, dims) for new, old, dims in pairs)
+    norm2 = sum(_dots(old, old, dims) for _new, old, dims in pairs)
     ratio = torch.where(norm2 > 0, dot / norm2.clamp(min=torch.finfo(norm2.dtype).tiny), 0)
-    residual = sum((new - old * (ratio.view(1, -1, 1) if old.dim() == 3 else ratio[:, None]))
-                   .pow(2).sum() for new, old, _dims in pairs)
-    total = sum(new.pow(2).sum() for new, _old, _dims in pairs)
+    residual = total = 0.0
+    for new, old, _dims in pairs:
+        scale = ratio.view(1, -1, 1) if old.dim() == 3 else ratio[:, None]
+        residual += torch.linalg.vector_norm(torch.addcmul(new, old, scale, value=-1)) ** 2
+        total += torch.linalg.vector_norm(new) ** 2
     # float32 rounding of a rescaled gradient is about 1e-7 of it; anything else fails
     if residual > (1e-5 ** 2) * total:
         return None
     return ratio
+
+
+def _dots(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Per-sample dot products [B] in one pass (no product tensor)."""
+    if len(dims) == 2:  # [T, B, H]
+        return torch.linalg.vecdot(a, b, dim=-1).sum(0)
+    return torch.linalg.vecdot(a, b, dim=-1)
 
 
 def _replay(ctx, first: _Backward, ratio: torch.Tensor, x, h_prev, has_bias: bool):
@@ -352,9 +366,46 @@ def _weight_grads(ctx, d_gi, d_gh, x, h_prev, has_bias: bool) -> list[torch.Tens
 # Gate derivatives that do not depend on the incoming gradient are computed for all steps
 # at once, so each backward step is a few multiplies and one matmul.
 
+_NUMPY_TYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _scratch(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """An uninitialised CPU work buffer of ``like``'s dtype, from numpy's allocator.
+
+    torch asks glibc for 64-byte-aligned blocks; for blocks of these sizes (megabytes to
+    tens of megabytes, every step) glibc grows the heap instead of reusing the block freed
+    a step earlier, so every step's buffers are fresh pages the kernel must fault in and
+    zero: about 25,000 page faults per DP step of the LEAF LSTM (``getrusage``). numpy's
+    16-byte-aligned blocks are reused. Buffers only ever used inside this module."""
+    np_type = _NUMPY_TYPES.get(like.dtype)
+    if np_type is None or like.device.type != "cpu":
+        return like.new_empty(shape)
+    return torch.from_numpy(np.empty(shape, dtype=np_type))
+
+
 def _steps(order, reverse: bool):
     for t in order:
         yield t, (t + 1 if reverse else t), (t if reverse else t + 1)
+
+
+def _backward_steps(order, reverse: bool, d_out: torch.Tensor, dh: torch.Tensor):
+    """The steps in backward order, each with the output gradient of the step after it in
+    that order (None at the end). ``dh`` is given the first step's output gradient here;
+    each later one enters through ``_through``, in the same kernel as the recurrent matmul."""
+    times = [t for t, _prev, _nxt in _steps(order, reverse)][::-1]
+    if times:
+        dh.add_(d_out[times[0]])
+    for n, t in enumerate(times):
+        yield t, (d_out[times[n + 1]] if n + 1 < len(times) else None)
+
+
+def _through(d_g: torch.Tensor, w_hh: torch.Tensor, following: torch.Tensor | None
+             ) -> torch.Tensor:
+    """The gradient reaching the previous state through the recurrent weight, plus that
+    step's own output gradient."""
+    if following is None:
+        return torch.mm(d_g, w_hh)
+    return torch.addmm(following, d_g, w_hh)
 
 
 def _mask_state(states: torch.Tensor, prev: int, nxt: int, m: torch.Tensor) -> None:
@@ -365,9 +416,9 @@ def _mask_state(states: torch.Tensor, prev: int, nxt: int, m: torch.Tensor) -> N
 def _lstm_forward(gi, states, first, c0, w_hh, b_hh, order, reverse, mask, nonlinearity):
     steps, batch, gates = gi.shape
     hidden = gates // 4
-    cells = gi.new_empty(steps + 1, batch, hidden)
+    cells = _scratch(gi, steps + 1, batch, hidden)
     cells[first] = c0
-    tanh_c = gi.new_empty(steps, batch, hidden)
+    tanh_c = _scratch(gi, steps, batch, hidden)
     w_t = w_hh.t()
     for t, prev, nxt in _steps(order, reverse):
         g = gi[t]  # activations overwrite the pre-activations in place
@@ -393,7 +444,8 @@ def _lstm_backward(saved, states, d_out, d_hn, d_cn, w_hh, order, reverse, mask,
     c_prev = cells[1:] if reverse else cells[:steps]
     # d(pre-activation) = k * d(c) for i, f, g and k * d(h) for o. Few passes, in place:
     # these arrays are [T, B, H] each, and every pass over them costs about a millisecond.
-    k = torch.addcmul(acts, acts, acts, value=-1).view(steps, batch, 4, hidden)  # a(1 - a)
+    k = torch.addcmul(acts, acts, acts, value=-1, out=_scratch(acts, *acts.shape))
+    k = k.view(steps, batch, 4, hidden)  # a(1 - a)
     k[:, :, 2].add_(1).sub_(g)  # the cell gate is a tanh: 1 - g^2 = g(1 - g) + 1 - g
     k[:, :, 0].mul_(g)
     k[:, :, 1].mul_(c_prev)
@@ -404,12 +456,11 @@ def _lstm_backward(saved, states, d_out, d_hn, d_cn, w_hh, order, reverse, mask,
         k[:, :, 3].mul_(mask)
         o_dtanh.mul_(mask)
         keep = 1 - mask
-    d_g = acts.new_empty(steps, batch, gates)
+    d_g = _scratch(acts, steps, batch, gates)
     d_gv = d_g.view(steps, batch, 4, hidden)
+    dc = d_cn.clone() if d_cn is not None else torch.zeros_like(d_hn)
     dh = d_hn.clone()
-    dc = d_cn.clone() if d_cn is not None else torch.zeros_like(dh)
-    for t, _prev, _nxt in reversed(list(_steps(order, reverse))):
-        dh.add_(d_out[t])
+    for t, following in _backward_steps(order, reverse, d_out, dh):
         if mask is None:
             dc_t = dc.addcmul_(dh, o_dtanh[t])
         else:
@@ -417,7 +468,7 @@ def _lstm_backward(saved, states, d_out, d_hn, d_cn, w_hh, order, reverse, mask,
         torch.mul(dc_t.unsqueeze(1), k[t, :, :3], out=d_gv[t, :, :3])
         torch.mul(dh, k[t, :, 3], out=d_gv[t, :, 3])
         dc_next = dc_t * f[t]
-        through = torch.mm(d_g[t], w_hh)
+        through = _through(d_g[t], w_hh, following)
         if mask is not None:
             dc_next.addcmul_(dc, keep[t])
             through.addcmul_(dh, keep[t])
@@ -428,9 +479,9 @@ def _lstm_backward(saved, states, d_out, d_hn, d_cn, w_hh, order, reverse, mask,
 def _gru_forward(gi, states, first, c0, w_hh, b_hh, order, reverse, mask, nonlinearity):
     steps, batch, gates = gi.shape
     hidden = gates // 3
-    gh = gi.new_empty(steps, batch, gates)  # recurrent pre-activations (W_hh h + b_hh)
-    rz = gi.new_empty(steps, batch, 2 * hidden)
-    cand = gi.new_empty(steps, batch, hidden)
+    gh = _scratch(gi, steps, batch, gates)  # recurrent pre-activations (W_hh h + b_hh)
+    rz = _scratch(gi, steps, batch, 2 * hidden)
+    cand = _scratch(gi, steps, batch, hidden)
     w_t = w_hh.t()
     for t, prev, nxt in _steps(order, reverse):
         h = states[prev]
@@ -463,17 +514,17 @@ def _gru_backward(saved, states, d_out, d_hn, _dc, w_hh, order, reverse, mask, _
         k_gi *= mask.unsqueeze(2)
         k_gh *= mask.unsqueeze(2)
         carry = z * mask + (1 - mask)
-    d_gi = gh.new_empty(steps, batch, gates)
-    d_gh = gh.new_empty(steps, batch, gates)
+    d_gi = _scratch(gh, steps, batch, gates)
+    d_gh = _scratch(gh, steps, batch, gates)
     d_giv = d_gi.view(steps, batch, 3, hidden)
     d_ghv = d_gh.view(steps, batch, 3, hidden)
     dh = d_hn.clone()
-    for t, _prev, _nxt in reversed(list(_steps(order, reverse))):
-        dh.add_(d_out[t])
+    for t, following in _backward_steps(order, reverse, d_out, dh):
         du = dh.unsqueeze(1)
         torch.mul(du, k_gi[t], out=d_giv[t])
         torch.mul(du, k_gh[t], out=d_ghv[t])
-        dh = torch.addmm(dh * carry[t], d_gh[t], w_hh)
+        carried = dh * carry[t] if following is None else torch.addcmul(following, dh, carry[t])
+        dh = torch.addmm(carried, d_gh[t], w_hh)
     return d_gi, d_gh, dh, None
 
 
@@ -497,12 +548,11 @@ def _rnn_backward(saved, states, d_out, d_hn, _dc, w_hh, order, reverse, mask, n
     if mask is not None:
         k = k * mask
         keep = 1 - mask
-    d_g = h.new_empty(h.shape)
+    d_g = _scratch(h, *h.shape)
     dh = d_hn.clone()
-    for t, _prev, _nxt in reversed(list(_steps(order, reverse))):
-        dh.add_(d_out[t])
+    for t, following in _backward_steps(order, reverse, d_out, dh):
         torch.mul(dh, k[t], out=d_g[t])
-        through = torch.mm(d_g[t], w_hh)
+        through = _through(d_g[t], w_hh, following)
         dh = through if mask is None else through.addcmul_(dh, keep[t])
     return d_g, d_g, dh, None
 
@@ -588,18 +638,23 @@ def _recurrent_norm_sample(layer: _Recurrent, activations: list[torch.Tensor],
     record, scale = _take_pass(layer, backprops)
     norms: dict[nn.Parameter, torch.Tensor] = {}
     for seq in record.sequences:
+        grams: dict[int, torch.Tensor] = {}  # the LSTM's and RNN's two weights share d_g
         norms[getattr(layer, seq.names[0])] = _sample_norms(layer, seq.names[0], seq.d_gi,
-                                                            seq.inputs) * scale
+                                                            seq.inputs, grams) * scale
         norms[getattr(layer, seq.names[1])] = _sample_norms(layer, seq.names[1], seq.d_gh,
-                                                            seq.h_prev) * scale
+                                                            seq.h_prev, grams) * scale
         if layer.bias:
-            for name, per_sample in zip(seq.names[2:], seq.bias_samples(), strict=True):
-                norms[getattr(layer, name)] = per_sample.norm(dim=1) * scale
+            for name, d_g, i in ((seq.names[2], seq.d_gi, 0), (seq.names[3], seq.d_gh, 1)):
+                if id(d_g) in grams:  # ||sum_t d_g_t||^2 is the sum of d_g's Gram matrix
+                    norm = grams[id(d_g)].sum((1, 2)).clamp(min=0).sqrt()
+                else:
+                    norm = seq.bias_samples()[i].norm(dim=1)
+                norms[getattr(layer, name)] = norm * scale
     return norms
 
 
-def _sample_norms(layer: _Recurrent, name: str, d_g: torch.Tensor, operand: torch.Tensor
-                  ) -> torch.Tensor:
+def _sample_norms(layer: _Recurrent, name: str, d_g: torch.Tensor, operand: torch.Tensor,
+                  grams: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """``||sum_t d_g[t, b] (x) operand[t, b]||`` for every sample ``b``, the cheaper way.
 
     Through the per-step Gram matrices, ``sum_{t,s} (d_g_t . d_g_s)(a_t . a_s)``, costs
@@ -608,9 +663,11 @@ def _sample_norms(layer: _Recurrent, name: str, d_g: torch.Tensor, operand: torc
     steps, batch, gates = d_g.shape
     width = operand.shape[2]
     if steps * (gates + width) < gates * width:
-        grams = torch.bmm(d_g.transpose(0, 1), d_g.permute(1, 2, 0))  # [B, T, T]
-        grams.mul_(torch.bmm(operand.transpose(0, 1), operand.permute(1, 2, 0)))
-        return grams.sum((1, 2)).clamp(min=0).sqrt()
+        cache = {} if grams is None else grams
+        if id(d_g) not in cache:
+            cache[id(d_g)] = torch.bmm(d_g.transpose(0, 1), d_g.permute(1, 2, 0))  # [B, T, T]
+        products = torch.bmm(operand.transpose(0, 1), operand.permute(1, 2, 0))
+        return products.mul_(cache[id(d_g)]).sum((1, 2)).clamp(min=0).sqrt()
     out = _buffer(layer, name, (batch, gates, width), operand)
     torch.bmm(d_g.permute(1, 2, 0), operand.transpose(0, 1), out=out)
     return out.flatten(1).norm(dim=1)
