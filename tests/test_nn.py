@@ -252,3 +252,45 @@ def test_a_second_backward_pass_that_is_not_a_rescaling_is_computed_afresh():
         grads.append(first + [p.grad for p in layer.parameters()])
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_batch_memory_manager_splits_a_batch_without_changing_the_update(mode):
+    """Opacus's BatchMemoryManager (virtual steps over physical batches of 3): the same
+    clipped, averaged gradient as the whole batch at once."""
+    from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(5)
+    x, lengths = torch.randn(8, 6, 4), torch.tensor([6, 2, 5, 1, 6, 3, 4, 6])
+    updates = []
+    for physical in (8, 3):
+        torch.manual_seed(6)
+        model = _Head("GRU", 2, True, False)
+        before = [p.detach().clone() for p in model.parameters()]
+        loader = DataLoader(TensorDataset(x, lengths), batch_size=8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            private = PrivacyEngine().make_private(
+                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                data_loader=loader, noise_multiplier=0.0, max_grad_norm=0.1,
+                poisson_sampling=False, grad_sample_mode=mode, criterion=nn.MSELoss())
+            module, optimizer, loader = private[0], private[1], private[-1]
+            with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical,
+                                    optimizer=optimizer) as batches:
+                for xb, lb in batches:
+                    optimizer.zero_grad()
+                    per_sample = module(xb, lb).pow(2)
+                    if mode == "ghost":
+                        DPTensorFastGradientClipping(module, optimizer, per_sample,
+                                                     "mean").backward()
+                    else:
+                        per_sample.mean().backward()
+                    optimizer.step()
+        updates.append([b - p.detach() for b, p in zip(before, model.parameters(),
+                                                       strict=True)])
+    for whole, split in zip(*updates, strict=True):
+        assert whole.abs().sum() > 0
+        assert torch.allclose(whole, split, atol=1e-6, rtol=1e-4)
