@@ -14,13 +14,18 @@ step, plus a graph node for each). Everything that does not depend on the previo
 is done for all steps at once: the input projection, the gate derivatives, the input
 gradient, and the weight gradients.
 
-The per-sample gradient of a weight is a sum over time of outer products,
+Per-sample work. The gradient of a weight is a sum over time of outer products,
 ``dW_hh[b] = sum_t dG_t[b] (x) h_{t-1}[b]`` with ``dG_t`` the gradient of the gate
-pre-activations, i.e. one batched matmul over the whole sequence (``torch.bmm``). When
-Opacus has hooked the layer, the backward pass computes those per-sample gradients and
-hands their sum to autograd as the ordinary gradient (so ``p.grad`` stays right at little
-cost); the grad sampler registered with Opacus then only rescales them. Without Opacus,
-the backward pass computes the ordinary gradient with one matmul per weight.
+pre-activations. When Opacus has hooked the layer, the backward pass leaves the weight
+gradients to it and keeps (``dG``, input, previous state) per layer-direction:
+
+- hooks mode: the registered grad sampler turns them into per-sample gradients, one
+  batched matmul per weight, and sets the ordinary gradient from the same tensors;
+- ghost mode: the registered norm sampler gives each sample's gradient norm from per-step
+  Gram matrices, and Opacus's second backward pass (each sample's gradient rescaled by its
+  clipping factor) is replayed without the time loop (``_replay``).
+
+Without Opacus, the backward pass computes the ordinary gradients, one matmul per weight.
 
 Measured with ``fedrnn bench dp-step`` (README).
 """
@@ -206,7 +211,7 @@ class _Sweep(torch.autograd.Function):
         gi = gi.view(steps, batch, w_ih.shape[0])
         # states[k]: the state before the k-th step in time order (forward) or after it
         # (reverse); both directions read h_{t-1} from ``states[prev]`` and write ``[next]``.
-        states = x.new_empty(steps + 1, batch, hidden)
+        states = _scratch(x, steps + 1, batch, hidden)
         first = steps if reverse else 0
         states[first] = h0
         order = range(steps - 1, -1, -1) if reverse else range(steps)
@@ -250,7 +255,8 @@ class _Sweep(torch.autograd.Function):
             grads = _weight_grads(ctx, d_gi, d_gh, x, h_prev, b_ih is not None)
         d_x = None
         if ctx.needs_input_grad[0]:
-            d_x = torch.mm(d_gi.reshape(-1, d_gi.shape[2]), w_ih).view_as(x)
+            d_x = torch.mm(d_gi.reshape(-1, d_gi.shape[2]), w_ih,
+                           out=_scratch(x, steps * x.shape[1], x.shape[2])).view_as(x)
         # Kept for a second backward pass through the same graph (Opacus's ghost clipping
         # reruns backward with every sample's gradient rescaled): see ``_replay``.
         ctx.first = _Backward(d_out, d_hn, d_cn, d_gi, d_gh, d_x, d_h0, d_c0, sequence)
@@ -289,12 +295,17 @@ def _per_sample_ratio(first: _Backward, d_out: torch.Tensor, d_hn: torch.Tensor,
     residual = total = 0.0
     for new, old, _dims in pairs:
         scale = ratio.view(1, -1, 1) if old.dim() == 3 else ratio[:, None]
-        residual += torch.linalg.vector_norm(torch.addcmul(new, old, scale, value=-1)) ** 2
+        gap = torch.addcmul(new, old, scale, value=-1, out=_scratch(new, *new.shape))
+        residual += torch.linalg.vector_norm(gap) ** 2
         total += torch.linalg.vector_norm(new) ** 2
     # float32 rounding of a rescaled gradient is about 1e-7 of it; anything else fails
     if residual > (1e-5 ** 2) * total:
         return None
     return ratio
+
+
+def _rescaled(a: torch.Tensor, per_step: torch.Tensor) -> torch.Tensor:
+    return torch.mul(a, per_step, out=_scratch(a, *a.shape))
 
 
 def _dots(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -317,16 +328,16 @@ def _replay(ctx, first: _Backward, ratio: torch.Tensor, x, h_prev, has_bias: boo
     grads = [None] * 4
     if wanted[3]:
         grads[0] = torch.mm(first.d_gi.reshape(-1, gates).t(),
-                            (x * per_step).reshape(-1, x.shape[2]))
+                            _rescaled(x, per_step).reshape(-1, x.shape[2]))
     if wanted[4]:
         grads[1] = torch.mm(first.d_gh.reshape(-1, gates).t(),
-                            (h_prev * per_step).reshape(-1, h_prev.shape[2]))
+                            _rescaled(h_prev, per_step).reshape(-1, h_prev.shape[2]))
     if has_bias and (wanted[5] or wanted[6]):
         sequence = first.sequence or _Sequence(ctx.names, x, h_prev, first.d_gi, first.d_gh)
         d_bi, d_bh = sequence.bias_samples()
         grads[2] = ratio @ d_bi if wanted[5] else None
         grads[3] = ratio @ d_bh if wanted[6] else None
-    d_x = first.d_x * per_step if wanted[0] and first.d_x is not None else None
+    d_x = _rescaled(first.d_x, per_step) if wanted[0] and first.d_x is not None else None
     d_h0 = first.d_h0 * per_row if wanted[1] else None
     d_c0 = first.d_c0 * per_row if ctx.has_c and wanted[2] else None
     return (d_x, d_h0, d_c0, *grads, None, None, None, None, None, None)
@@ -451,7 +462,8 @@ def _lstm_backward(saved, states, d_out, d_hn, d_cn, w_hh, order, reverse, mask,
     k[:, :, 1].mul_(c_prev)
     k[:, :, 2].mul_(i)
     k[:, :, 3].mul_(tanh_c)
-    o_dtanh = torch.addcmul(o, o, tanh_c * tanh_c, value=-1)  # d(c) += d(h) * o * tanh'(c)
+    o_dtanh = torch.mul(tanh_c, tanh_c, out=_scratch(tanh_c, *tanh_c.shape))
+    torch.addcmul(o, o, o_dtanh, value=-1, out=o_dtanh)  # d(c) += d(h) * o * tanh'(c)
     if mask is not None:
         k[:, :, 3].mul_(mask)
         o_dtanh.mul_(mask)
