@@ -1,9 +1,11 @@
 """Local training and evaluation on one site's tensors: DP-SGD with Opacus, or plain SGD.
 
 This module knows nothing of Flower. DP-SGD here is Opacus end to end: Poisson sampling
-(``DPDataLoader``), per-sample gradients, clipping to ``clip_norm`` and Gaussian noise
-(``DPOptimizer``). ``PrivacyEngine`` builds a fresh accountant on every call, so its
-history describes this call only; the caller adds it to the site's cumulative history.
+(``DPDataLoader``), each record's gradient clipped to ``clip_norm`` (ghost clipping:
+per-record norms, then the clipped sum) and Gaussian noise
+(``DPOptimizerFastGradientClipping``). ``PrivacyEngine`` builds a fresh accountant on
+every call, so its history describes this call only; the caller adds it to the site's
+cumulative history.
 """
 
 from __future__ import annotations

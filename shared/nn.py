@@ -33,6 +33,7 @@ Measured with ``fedrnn bench dp-step`` (README).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -169,8 +170,9 @@ class _Recurrent(nn.Module):
         return (x.new_zeros(shape) if hx is None else hx), None
 
 
-def _keep_norm(record: _Pass, grad: torch.Tensor) -> None:
-    record.output_norm = grad.pow(2).sum().sqrt()
+def _keep_norm(record: _Pass, grad: torch.Tensor | None) -> None:
+    if grad is not None and _opacus_will_sample(record):  # the grad/norm sampler's scale
+        record.output_norm = grad.pow(2).sum().sqrt()
 
 
 def _input_in_autograd(module: _Recurrent, args: tuple) -> tuple | None:
@@ -200,6 +202,7 @@ class _Sweep(torch.autograd.Function):
                 record, names):
         steps, batch = x.shape[0], x.shape[1]
         hidden = w_hh.shape[1]
+        given = x
         x = x.contiguous()
         bias = _input_bias(mode, b_ih, b_hh, hidden)
         flat = x.reshape(steps * batch, x.shape[2])
@@ -223,8 +226,12 @@ class _Sweep(torch.autograd.Function):
             out = out * mask
         ctx.mode, ctx.nonlinearity, ctx.reverse, ctx.mask = mode, nonlinearity, reverse, mask
         ctx.record, ctx.names, ctx.order, ctx.saved = record, names, order, saved
-        ctx.x, ctx.states, ctx.has_c = x, states, c0 is not None
-        ctx.save_for_backward(w_ih, w_hh, b_ih, b_hh)
+        # ``x`` detached: the record keeps it, and a layer's input carries the graph below
+        # it, whose nodes keep the record (a cycle through C++ nodes is never collected).
+        # The input itself is saved the checked way: modifying it in place before the
+        # backward pass is an error, as with torch's layers.
+        ctx.x, ctx.states, ctx.has_c = x.detach(), states, c0 is not None
+        ctx.save_for_backward(given, w_ih, w_hh, b_ih, b_hh)
         if mode == "LSTM":
             cells = saved["cells"]
             return out, states[last], cells[last]
@@ -232,7 +239,7 @@ class _Sweep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn=None):
-        w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
+        _given, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
         x, states, mask, reverse = ctx.x, ctx.states, ctx.mask, ctx.reverse
         steps = x.shape[0]
         h_prev = states[1:] if reverse else states[:steps]  # [T, B, H], h_{t-1} per step
@@ -601,10 +608,11 @@ class RNN(_Recurrent):
 
 class Embedding(nn.Embedding):
     """``torch.nn.Embedding``, except under Opacus's ghost clipping: its per-sample gradient
-    norms come from its per-sample gradients (B x vocabulary x dimension, small for
-    character and word-piece models) instead of Opacus's embedding norm sampler, whose
-    index deduplication took about 23 ms of a 220 ms DP-SGD step of the LEAF model
-    (``torch.profiler``: ``unique_dim``, ``select``, ``equal`` on the token ids)."""
+    norms come from its per-sample gradients (vocabulary x dimension per record: 2.5 KB
+    for the 80 x 8 character model, 512 KB for the 4,096 x 32 hashed-word default)
+    instead of Opacus's embedding norm sampler, whose de-duplication of token ids took
+    about 23 ms of a 220 ms DP-SGD step of the LEAF model (``torch.profiler``:
+    ``unique_dim``, ``select``, ``equal``)."""
 
 
 register_grad_sampler(Embedding)(compute_embedding_grad_sample)
@@ -615,29 +623,32 @@ def _recurrent_grad_sample(layer: _Recurrent, activations: list[torch.Tensor],
                            backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of every weight of ``layer`` from its last backward pass.
 
-    Opacus's scale (``_take_pass``) is folded into the smaller operand of each
+    Opacus's scale (``_take_pass``) is folded into the input/state operand of each
     contraction. The ordinary gradient, which the backward pass left out, is set here
-    from the same contractions, so ``p.grad`` holds what autograd would have.
+    from the same contractions, so ``p.grad`` holds what autograd would have. Frozen
+    weights get neither.
     """
     record, scale = _take_pass(layer, backprops)
     samples: dict[nn.Parameter, torch.Tensor] = {}
     for seq in record.sequences:
-        w_ih, w_hh = getattr(layer, seq.names[0]), getattr(layer, seq.names[1])
-        for weight, d_g, operand in ((w_ih, seq.d_gi, seq.inputs), (w_hh, seq.d_gh, seq.h_prev)):
-            batch = operand.shape[1]
+        for name, d_g, operand in ((seq.names[0], seq.d_gi, seq.inputs),
+                                   (seq.names[1], seq.d_gh, seq.h_prev)):
+            weight = getattr(layer, name)
+            if not weight.requires_grad:
+                continue
             # Opacus copies what a grad sampler returns into the parameter's grad_sample
             # (create_or_accumulate_grad_sample), so the output buffer can serve every step:
             # a fresh 67 MB tensor per weight and step costs its page faults each time.
-            out = _buffer(layer, seq.names[0] if weight is w_ih else seq.names[1],
-                          (batch, *weight.shape), operand)
-            samples[weight] = torch.bmm(d_g.permute(1, 2, 0), (operand * scale).transpose(0, 1),
-                                        out=out)
+            out = _buffer(layer, name, (operand.shape[1], *weight.shape), operand)
+            scaled = operand if scale == 1.0 else operand * scale
+            samples[weight] = torch.bmm(d_g.permute(1, 2, 0), scaled.transpose(0, 1), out=out)
             _accumulate_grad(weight, samples[weight].sum(0), 1.0 / scale)
         if layer.bias:
             for name, per_sample in zip(seq.names[2:], seq.bias_samples(), strict=True):
                 bias = getattr(layer, name)
-                _accumulate_grad(bias, per_sample.sum(0), 1.0)
-                samples[bias] = per_sample * scale
+                if bias.requires_grad:
+                    _accumulate_grad(bias, per_sample.sum(0), 1.0)
+                    samples[bias] = per_sample * scale
     return samples
 
 
@@ -695,15 +706,24 @@ def _take_pass(layer: _Recurrent, backprops: torch.Tensor) -> tuple[_Pass, float
     if record is None or not record.sequences:
         raise RuntimeError("no per-sample gradients were recorded: run one forward pass of "
                            "the layer in training mode per backward pass")
-    scale = 1.0
     if record.output_norm is not None and record.output_norm > 0:
-        scale = (backprops.pow(2).sum().sqrt() / record.output_norm).item()
-    return record, scale
+        return record, (backprops.pow(2).sum().sqrt() / record.output_norm).item()
+    if any(seq.d_gi.any() or seq.d_gh.any() for seq in record.sequences):
+        # Opacus sees only the output's gradient; its loss scale cannot be read off a zero
+        # one, and guessing it wrong would under-clip every sample.
+        raise RuntimeError("under Opacus the loss must reach shared.nn's recurrent layers "
+                           "through their output sequence (the gradient reaching it is zero)")
+    return record, 1.0  # no gradient at all: every per-sample gradient is zero
+
+
+_SAMPLE_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _buffer(layer: _Recurrent, name: str, shape: tuple[int, ...], like: torch.Tensor
             ) -> torch.Tensor:
-    buffers = layer.__dict__.setdefault("_sample_buffers", {})
+    """A per-sample output buffer of ``layer`` kept between steps; held beside the layer,
+    not in it, so that copying or pickling a model does not copy tens of MB of scratch."""
+    buffers = _SAMPLE_BUFFERS.setdefault(layer, {})
     buf = buffers.get(name)
     if buf is None or buf.shape != shape or buf.dtype != like.dtype:
         buf = buffers[name] = like.new_empty(shape)

@@ -78,7 +78,9 @@ def make_step(impl: str, spec: StepSpec, seed: int = 0, clipping: str = "ghost")
     if impl == "fedrnn":
         from shared import nn as fedrnn_layers
 
-        model.embed = fedrnn_layers.Embedding(VOCAB, spec.embedding)
+        embed = fedrnn_layers.Embedding(VOCAB, spec.embedding)
+        embed.load_state_dict(model.embed.state_dict())  # the same start as the others
+        model.embed = embed
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     tokens = torch.randint(0, VOCAB, (spec.batch, spec.seq_len + 1))
     # contiguous: Opacus's ghost-clipping embedding code views the token ids

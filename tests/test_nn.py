@@ -294,3 +294,73 @@ def test_batch_memory_manager_splits_a_batch_without_changing_the_update(mode):
     for whole, split in zip(*updates, strict=True):
         assert whole.abs().sum() > 0
         assert torch.allclose(whole, split, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_stacked_layers_with_dropout_leave_nothing_alive_under_opacus(mode):
+    """A layer's input carries the graph below it; the per-pass record must not keep it
+    (a cycle through autograd's nodes would hold every step's tensors for good)."""
+    import gc
+    import weakref
+
+    records = []
+    for _ in range(2):
+        model = _Head("LSTM", 2, True, True)
+        model.rnn.dropout = 0.3
+        real = dpnn._Pass.__init__
+
+        def spy(self, *args, _real=real, **kwargs):
+            _real(self, *args, **kwargs)
+            records.append(weakref.ref(self))
+
+        dpnn._Pass.__init__ = spy
+        try:
+            _private_step(mode, model, torch.randn(4, 5, 4), torch.tensor([5, 2, 4, 1]), 1.0)
+        finally:
+            dpnn._Pass.__init__ = real
+        del model
+    gc.collect()
+    assert records and all(r() is None for r in records)
+
+
+def test_loss_through_the_final_state_only_trains_as_torch():
+    ref, mine = _pair("GRU", num_layers=2)
+    ref.train(), mine.train()
+    x = torch.randn(6, 3, 5)
+    for layer in (ref, mine):
+        layer(x)[1].pow(2).sum().backward()
+    for a, b in zip(ref.parameters(), mine.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+def test_under_opacus_a_loss_that_skips_the_output_sequence_is_refused():
+    class LastState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = dpnn.GRU(4, 6, batch_first=True)
+
+        def forward(self, x):
+            out, h_n = self.rnn(x)
+            return h_n[-1].pow(2).sum(1) + 0 * out.sum((1, 2))  # output's gradient is zero
+
+    gsm = GradSampleModule(LastState(), batch_first=True)
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="output sequence"):
+        warnings.simplefilter("ignore")
+        gsm(torch.randn(3, 5, 4)).mean().backward()
+
+
+def test_frozen_weights_get_no_gradient_and_inputs_changed_in_place_are_an_error():
+    model = _Head("LSTM", 1, True, False)
+    model.rnn.weight_ih_l0.requires_grad_(False)
+    gsm = _opacus_step(GradSampleModule(model, batch_first=True), torch.randn(3, 4, 4),
+                       torch.tensor([4, 2, 3]))
+    assert model.rnn.weight_ih_l0.grad is None
+    assert model.rnn.weight_hh_l0.grad_sample.shape[0] == 3
+    del gsm
+    layer = dpnn.LSTM(4, 6).train()
+    x = torch.randn(5, 2, 4, requires_grad=True)
+    y = x * 1.0
+    out, _ = layer(y)
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
