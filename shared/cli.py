@@ -83,8 +83,17 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         from simulations.sweep import main_sweep
 
         return main_sweep(config_from_args(args), args.sweep, verbose=args.verbose)
-    out = simulate(config_from_args(args), verbose=args.verbose,
-                   wait_for_teardown=not args.exit_process)
+    try:
+        out = simulate(config_from_args(args), verbose=args.verbose,
+                       wait_for_teardown=not args.exit_process)
+    except KeyboardInterrupt:
+        if not args.exit_process:
+            raise
+        # Flower's engine runs on threads of its own that would play every remaining
+        # round before the interpreter could exit. What the run has written is whole:
+        # its rows, its last checkpoint and every ledger charge are committed.
+        print("fedrnn: interrupted", file=sys.stderr)
+        _end_process(130)
     _print_run_summary(out)
     if args.exit_process:
         _end_process(0)

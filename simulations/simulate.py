@@ -132,7 +132,8 @@ def simulate(config: RunConfig, *, verbose: bool = False,
     # written, without waiting for the engine's teardown (``wait_for_teardown``).
     thread = threading.Thread(target=engine, name="flower-simulation", daemon=True)
     thread.start()
-    finished.wait()
+    while not finished.wait(timeout=0.5):  # a bare wait() would let Ctrl-C go unnoticed
+        pass
     if wait_for_teardown or failure or not thread.is_alive():
         thread.join()
         if failure:

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -174,4 +175,36 @@ def test_program_ends_once_the_run_is_written_leaving_no_ray_process(tmp_path):
             time.sleep(0.2)
         assert _processes_using(ray_dir) == set()
     finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_program_interrupted_stops_at_once_leaving_no_ray_process(tmp_path):
+    # Ctrl-C: Flower's engine threads would otherwise play every remaining round first.
+    out = tmp_path / "run"
+    ray_dir = tempfile.mkdtemp(prefix="fr-", dir="/tmp")
+    proc = None
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "simulate", "--dataset", "synthetic",
+             "--clients", "3", "--rounds", "200", "--hidden-size", "8", "--no-dp",
+             "--out", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "RAY_TMPDIR": ray_dir},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists() or not _rows(out):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 130 and "fedrnn: interrupted" in err
+        assert 1 <= len(_rows(out)) < 200 and not (out / "summary.json").exists()
+        assert (out / "checkpoint.pt").exists()  # the rounds done so far can be resumed
+        deadline = time.monotonic() + 30
+        while _processes_using(ray_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_using(ray_dir) == set()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
         shutil.rmtree(ray_dir, ignore_errors=True)
