@@ -132,8 +132,7 @@ def simulate(config: RunConfig, *, verbose: bool = False,
     # written, without waiting for the engine's teardown (``wait_for_teardown``).
     thread = threading.Thread(target=engine, name="flower-simulation", daemon=True)
     thread.start()
-    while not finished.wait(timeout=0.5):  # a bare wait() would let Ctrl-C go unnoticed
-        pass
+    finished.wait()
     if wait_for_teardown or failure or not thread.is_alive():
         thread.join()
         if failure:
