@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -76,17 +77,27 @@ def stop_autoscaler_monitor() -> None:
 def stop_ray(*, for_exit: bool = False) -> None:
     """Ray's orderly shutdown (the raylet stops its workers and agents), minus the wait.
 
-    ``for_exit``: the process ends next, while Flower's engine may still be winding down
-    on its thread. Its last Ray calls (terminating its actors) must then fail, not start
-    a fresh Ray instance, which is what Ray does for any call made while it is stopped.
+    ``for_exit``: the process ends right after this (``os._exit``) while Flower's engine
+    may still be running on its threads, as when a run is interrupted. Ray is then stopped
+    from below: the raylet is asked to stop (it stops its workers and agents) and waited
+    for (tens of ms); Ray's other processes die with this one (Linux ends them with their
+    parent) or are killed. The driver is not disconnected: Ray ends a process with status
+    1 as soon as one of its threads calls Ray after ``ray.shutdown``.
     """
-    if for_exit:
-        import ray._private.auto_init_hook as auto_init
-
-        auto_init.enable_auto_connect = False
-    if ray.is_initialized():
-        stop_autoscaler_monitor()
+    if not ray.is_initialized():
+        return
+    stop_autoscaler_monitor()
+    node = getattr(ray._private.worker, "_global_node", None)
+    raylets = getattr(node, "all_processes", {}).get("raylet") if node is not None else None
+    if not for_exit or not raylets:  # joined to a cluster: nothing of it is ours to stop
         ray.shutdown()
+        return
+    raylet = raylets[0].process
+    raylet.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        raylet.wait(timeout=10)
+    if not getattr(node, "kernel_fate_share", False):
+        node.kill_all_processes(check_alive=False, allow_graceful=False)
 
 
 @contextlib.contextmanager
