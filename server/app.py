@@ -7,6 +7,9 @@ around an already resolved config, which is how ``fedrnn simulate`` starts it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -15,13 +18,18 @@ from shared.config import RunConfig
 from shared.logs import console_logging
 
 
-def make_app(config: RunConfig | None = None) -> ServerApp:
+def make_app(config: RunConfig | None = None, *,
+             on_finish: Callable[[Path], None] | None = None) -> ServerApp:
+    """The ServerApp; ``on_finish(run_dir)`` is called once the run directory is complete,
+    before the app returns to Flower (whose engine then winds down)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         console_logging()
-        run_federation(grid, config or RunConfig.from_flat(dict(context.run_config)))
+        run_dir = run_federation(grid, config or RunConfig.from_flat(dict(context.run_config)))
+        if on_finish is not None:
+            on_finish(run_dir)
 
     return server_app
 

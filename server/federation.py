@@ -12,6 +12,7 @@ import math
 import random
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -80,14 +81,19 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         grid.pull_interval = 0.01  # its 0.1 s default idles up to 0.2 s of every round
         sampler = ClientSampler(nodes_in_partition_order(grid), config, slots=True)
     timeout = config.round_timeout or None
+    # In a simulation a round's evaluation and the next round's training go out together:
+    # both start from the weights the round's training produced, their slots differ
+    # (sampling.py), and Flower's engine picks up new messages only every 100 ms, so one
+    # pick-up per round instead of two, and no worker idles between the phases. A
+    # deployment keeps them apart: there a site may be asked to do both.
+    pipelined = sampler is not None
 
+    started = time.monotonic()
+    training = _push(grid, strategy, sampler, flat, first_round, "train", arrays,
+                     timeout=timeout)
     for server_round in range(first_round, config.rounds + 1):
-        started = time.monotonic()
-        phase_config, phase_grid, trainers = _participants(sampler, grid, flat, server_round,
-                                                           "train")
-        messages = list(strategy.configure_train(server_round, arrays, phase_config, phase_grid))
-        trainers = trainers or {m.metadata.dst_node_id: m.metadata.dst_node_id for m in messages}
-        updates, declined, lost = _exchange(grid, messages, "train", timeout=timeout)
+        updates, declined, lost = _receive(grid, training)
+        trainers = training.partitions
         # replies arrive in any order; summed in partition order, a seeded run repeats bit
         # for bit
         updates.sort(key=lambda m: trainers[m.metadata.src_node_id])
@@ -97,16 +103,20 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             arrays = new_arrays
             if config.user_level:
                 user_history.append(user_level_release(
-                    config, received=len(updates), sampled=len(messages),
+                    config, received=len(updates), sampled=len(training.messages),
                     available=config.clients))
-        phase_config, phase_grid, evaluators = _participants(sampler, grid, flat, server_round,
-                                                             "evaluate")
-        messages = list(strategy.configure_evaluate(server_round, arrays, phase_config,
-                                                    phase_grid))
-        evaluators = evaluators or {m.metadata.dst_node_id: m.metadata.dst_node_id
-                                    for m in messages}
-        evaluations, _, _ = _exchange(grid, messages, "evaluate", timeout=timeout)
-        evaluations.sort(key=lambda m: evaluators[m.metadata.src_node_id])
+        evaluating = _push(grid, strategy, sampler, flat, server_round, "evaluate", arrays,
+                           timeout=timeout)
+        go_on = server_round < config.rounds and len(exhausted) < config.clients
+        # the state a restart from this round's checkpoint resumes with: taken before the
+        # next round's training draws from the generators
+        rng = checkpoint.rng_state()
+        training = None
+        if go_on and pipelined:
+            training = _push(grid, strategy, sampler, flat, server_round + 1, "train", arrays,
+                             timeout=timeout)
+        evaluations, _, _ = _receive(grid, evaluating)
+        evaluations.sort(key=lambda m: evaluating.partitions[m.metadata.src_node_id])
         eval_metrics = strategy.aggregate_evaluate(server_round, evaluations) or {}
         train_metrics = train_metrics or {}
         row = {"round": server_round}
@@ -129,17 +139,24 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         row["dropped"] = len(lost["failed"]) + len(lost["timed_out"])
         row["dropped_ids"] = sorted(trainers[n] for n in lost["failed"] + lost["timed_out"])
         row["timed_out"] = sorted(trainers[n] for n in lost["timed_out"])
-        row["seconds"] = round(time.monotonic() - started, 3)
+        # wall time since the previous round's row: rounds overlap (the next round's
+        # training runs beside this one's evaluation), so these add up to the run's time
+        now = time.monotonic()
+        row["seconds"] = round(now - started, 3)
+        started = now
         record.add_round(row)
         checkpoint.save(record.dir, checkpoint.Checkpoint(
             server_round=server_round, weights=arrays.to_torch_state_dict(),
             strategy=checkpoint.strategy_state(strategy), user_history=list(user_history),
-            rng=checkpoint.rng_state()))
+            rng=rng))
         log.info("%s", _progress_line(row, config))
         if len(exhausted) >= config.clients:
             log.warning("every site's privacy budget is spent: stopping after round %d "
                         "(fedrnn audit %s shows each site's spend)", server_round, record.dir)
             break
+        if go_on and training is None:
+            training = _push(grid, strategy, sampler, flat, server_round + 1, "train", arrays,
+                             timeout=timeout)
 
     final_model = build_model(config)
     final_model.load_state_dict(arrays.to_torch_state_dict())
@@ -194,24 +211,59 @@ def _participants(sampler: ClientSampler | None, grid: Grid, flat: dict, server_
     """
     if sampler is None:
         return ConfigRecord(flat), grid, None
-    assignment = sampler.assign(sampler.sample(server_round, phase))
+    assignment = sampler.assign(sampler.sample(server_round, phase), phase)
     return (ConfigRecord({**flat, **sampler.round_config(assignment)}),
             sampler.view(grid, assignment), assignment)
 
 
-def _exchange(grid: Grid, messages, phase: str, *, timeout: float | None = None,
-              ) -> tuple[list[Message], list[Message], dict[str, list[int]]]:
-    """Send one phase's messages; returns (replies with content, budget declines, lost),
-    ``lost`` being the node ids that failed (``failed``) or sent no reply within
-    ``timeout`` seconds (``timed_out``).
+@dataclass
+class _Phase:
+    """One phase's messages, sent and awaiting replies."""
+
+    name: str
+    messages: list[Message]
+    ids: set[str]
+    partitions: dict[int, int]  # node id -> the partition id it serves
+    timeout: float | None
+    deadline: float | None
+
+
+def _push(grid: Grid, strategy, sampler: ClientSampler | None, flat: dict,  # noqa: ANN001
+          server_round: int, phase: str, arrays: ArrayRecord, *,
+          timeout: float | None) -> _Phase:
+    """Let the strategy configure ``phase`` of ``server_round`` and send its messages."""
+    phase_config, phase_grid, partitions = _participants(sampler, grid, flat, server_round,
+                                                         phase)
+    configure = strategy.configure_train if phase == "train" else strategy.configure_evaluate
+    messages = list(configure(server_round, arrays, phase_config, phase_grid))
+    partitions = partitions or {m.metadata.dst_node_id: m.metadata.dst_node_id
+                                for m in messages}
+    ids = set(grid.push_messages(messages)) if messages else set()
+    return _Phase(phase, messages, ids, partitions, timeout,
+                  None if timeout is None else time.monotonic() + timeout)
+
+
+def _receive(grid: Grid, phase: _Phase,
+             ) -> tuple[list[Message], list[Message], dict[str, list[int]]]:
+    """Wait for ``phase``'s replies; returns (replies with content, budget declines, lost),
+    ``lost`` being the node ids that failed (``failed``) or sent no reply within the
+    round timeout (``timed_out``).
 
     A decline is a site's refusal, not a failure: it is logged with the site's reason.
     Failures are logged, and fatal only if every site failed (injected dropouts aside).
     """
-    messages = list(messages)
+    messages = phase.messages
     if not messages:
         return [], [], {"failed": [], "timed_out": []}
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    pending, replies = set(phase.ids), []
+    while pending:
+        arrived = list(grid.pull_messages(pending))
+        replies.extend(arrived)
+        pending -= {m.metadata.reply_to_message_id for m in arrived}
+        if not pending or (phase.deadline is not None and time.monotonic() >= phase.deadline):
+            break
+        time.sleep(getattr(grid, "pull_interval", 0.1))
+    name = phase.name
     ok = [m for m in replies if not m.has_error()]
     declined = [m for m in replies if m.has_error() and m.error.code == P.DECLINED_BUDGET]
     failed = [m for m in replies if m.has_error() and m.error.code != P.DECLINED_BUDGET]
@@ -219,17 +271,17 @@ def _exchange(grid: Grid, messages, phase: str, *, timeout: float | None = None,
         log.info("%s", m.error.reason)
     for m in failed:
         level = logging.DEBUG if m.error.code == P.DROPPED_OUT else logging.WARNING
-        log.log(level, "%s failed at node %s: %s", phase, m.metadata.src_node_id,
+        log.log(level, "%s failed at node %s: %s", name, m.metadata.src_node_id,
                 m.error.reason)
     replied = {m.metadata.src_node_id for m in replies}
     late = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]
     if late:
         log.warning("%d site(s) sent no %s reply within the round timeout (%gs): the round "
-                    "goes on without them", len(late), phase, timeout)
+                    "goes on without them", len(late), name, phase.timeout)
     injected = any(m.error.code == P.DROPPED_OUT for m in failed)
     if not ok and not declined and (failed or late) and not injected:
         first = failed[0].error.reason if failed else "no site replied in time"
-        raise FedrnnError(f"every client failed to {phase}; first error: {first}")
+        raise FedrnnError(f"every client failed to {name}; first error: {first}")
     return ok, declined, {"failed": [m.metadata.src_node_id for m in failed], "timed_out": late}
 
 

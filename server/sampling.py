@@ -7,10 +7,13 @@ round, phase), and only then mapped to nodes; the strategy is handed a view of t
 that shows just those nodes, so its own sampling takes all of them.
 
 In a simulation the SuperNodes are worker *slots*: ``simulation_slots(config)`` of them,
-as many as the largest phase of a round, not one per client. Slot ``i`` serves the
-client at position ``i`` of the round's ``partitions`` list, which travels in the round's
-config. Flower's Simulation Engine polls every node for messages ten times a second, a
-scan over all nodes times all messages in flight: with 15,000 SuperNodes that scan kept
+as many as one round's two phases take part, not one per client. The first slots serve
+training, the others evaluation, so that a round's evaluation and the next round's
+training (which start from the same weights) can be in flight together (federation.py).
+The ``i``-th slot of a phase serves the client at position ``i`` of the phase's
+``partitions`` list, which travels in the phase's config. Flower's Simulation Engine
+polls every node for messages ten times a second, a scan over all nodes times all
+messages in flight: with 15,000 SuperNodes that scan kept
 the server's process busy (86% of its samples, measured with py-spy) and starved the
 rounds. The Simulation Engine registers node ``i`` for partition ``i`` in order
 (``flwr.server.superlink.fleet.vce.vce_api._register_nodes``) and its in-memory LinkState
@@ -51,11 +54,19 @@ def wait_for_nodes(grid: Grid, count: int, *, timeout: float = 600.0) -> None:
         time.sleep(0.05)
 
 
+def phase_slots(config: RunConfig) -> dict[str, int]:
+    """Simulation slots of each phase: as many as clients take part in it."""
+    return {"train": min(config.clients, config.clients_per_round or config.clients),
+            "evaluate": min(config.clients, config.eval_per_round or config.clients)}
+
+
 def simulation_slots(config: RunConfig) -> int:
-    """SuperNodes a simulation needs: as many as clients take part in one phase."""
-    train = config.clients_per_round or config.clients
-    evaluate = config.eval_per_round or config.clients
-    return min(config.clients, max(train, evaluate))
+    """SuperNodes a simulation needs: one per client taking part in a round (both phases).
+
+    Flower's Simulation Engine hands a node one message per poll (every 100 ms), so a node
+    must not serve a round's evaluation and the next round's training at once.
+    """
+    return sum(phase_slots(config).values())
 
 
 def is_simulation(grid: Grid) -> bool:
@@ -77,8 +88,9 @@ def nodes_in_partition_order(grid: Grid) -> list[int]:
 class ClientSampler:
     """Seeded per-round samples of clients (partition ids), and the nodes that serve them.
 
-    ``slots=True`` (simulation): any node serves any client, the ``i``-th drawn client
-    going to the ``i``-th node. Otherwise node ``i`` is client ``i``.
+    ``slots=True`` (simulation): any node serves any client, the ``i``-th client drawn
+    for a phase going to the ``i``-th of the phase's nodes (training: the first nodes,
+    evaluation: the ones after them; ``phase_slots``). Otherwise node ``i`` is client ``i``.
     """
 
     def __init__(self, nodes: Sequence[int], config: RunConfig, *, slots: bool = False) -> None:
@@ -96,13 +108,15 @@ class ClientSampler:
         else:
             self.candidates = {"train": ids, "evaluate": ids}
         self.sizes = {"train": config.clients_per_round, "evaluate": config.eval_per_round}
+        n_train = phase_slots(config)["train"]
+        self.phase_nodes = {"train": self.nodes[:n_train], "evaluate": self.nodes[n_train:]}
         for phase, k in self.sizes.items():
             if k > len(self.candidates[phase]):
                 raise FedrnnError(f"{phase}: {k} clients per round requested but only "
                                   f"{len(self.candidates[phase])} can {phase}")
-            if slots and (k or len(self.candidates[phase])) > len(self.nodes):
-                raise FedrnnError(f"{phase}: {k} clients per round but {len(self.nodes)} "
-                                  "simulation slots")
+            if slots and (k or len(self.candidates[phase])) > len(self.phase_nodes[phase]):
+                raise FedrnnError(f"{phase}: {k} clients per round but "
+                                  f"{len(self.phase_nodes[phase])} simulation slots")
 
     def sample(self, server_round: int, phase: str) -> list[int]:
         """Sorted partition ids taking part in ``phase`` of ``server_round``."""
@@ -113,10 +127,10 @@ class ClientSampler:
         rng = np.random.default_rng([self.seed, server_round, PHASES[phase]])
         return np.sort(rng.choice(pool, size=k, replace=False)).tolist()
 
-    def assign(self, partition_ids: Sequence[int]) -> dict[int, int]:
-        """node id -> the partition id it serves this phase."""
+    def assign(self, partition_ids: Sequence[int], phase: str = "train") -> dict[int, int]:
+        """node id -> the partition id it serves in ``phase``."""
         if self.slots:
-            return dict(zip(self.nodes, partition_ids, strict=False))
+            return dict(zip(self.phase_nodes[phase], partition_ids, strict=False))
         return {self.nodes[p]: p for p in partition_ids}
 
     def round_config(self, assignment: dict[int, int]) -> dict[str, list[int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import ray
 # (about 1 s) and the data reading, which run beside it in a thread.
 from shared.config import RunConfig
 from shared.errors import ConfigError, FedrnnError
+from simulations.ray_setup import CPUS_PER_CLIENT, start_ray, stop_autoscaler_monitor
 
 log = logging.getLogger("fedrnn")
 
@@ -61,15 +62,24 @@ class _HideDeprecation(logging.Filter):
         return "deprecated" not in record.getMessage()
 
 
-def simulate(config: RunConfig, *, verbose: bool = False) -> Path:
-    """Run the simulation ``config`` describes; returns the run directory."""
+def simulate(config: RunConfig, *, verbose: bool = False,
+             wait_for_teardown: bool = True) -> Path:
+    """Run the simulation ``config`` describes; returns the run directory.
+
+    With ``wait_for_teardown=False`` it returns as soon as the run directory is complete
+    (summary, model, metrics; the sites' ledgers were committed before they trained), while
+    Flower's engine still winds down in a daemon thread (its worker threads notice the end
+    within a second). That is for a process about to exit, which then calls
+    ``ray_setup.stop_ray()``: nothing of the run is left to write.
+    """
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a CPU-only tip
-    # Ray starts (about 2.5 s, mostly waiting on its processes) while this process reads
-    # and checks the data in a thread; ray.init itself must run on the main thread.
+    # Ray starts (about 2.5 s, mostly waiting on its processes, whose workers then import
+    # the ClientApp) while this process reads and checks the data in a thread; ray.init
+    # itself must run on the main thread.
     with ThreadPoolExecutor(max_workers=1) as pool:
         prepared = pool.submit(_prepare_and_import, config)
-        _start_ray(verbose=verbose)
+        start_ray(verbose=verbose)
         try:
             config = prepared.result()
         except BaseException:
@@ -93,14 +103,40 @@ def simulate(config: RunConfig, *, verbose: bool = False) -> Path:
     from server.app import make_app
     from server.sampling import simulation_slots
 
-    run_simulation(
-        server_app=make_app(config),
-        client_app=client_app,
-        num_supernodes=simulation_slots(config),  # worker slots, not clients (sampling.py)
-        # Ray is already running (``_start_ray``), so Flower's backend uses it as it is.
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-        verbose_logging=verbose,
-    )
+    finished = threading.Event()
+    failure: list[BaseException] = []
+
+    def run_finished(_: Path) -> None:
+        # The ServerApp has written the whole run; Flower's teardown, which follows, ends
+        # with ray.shutdown: spare it the monitor's one-second wait.
+        stop_autoscaler_monitor()
+        finished.set()
+
+    def engine() -> None:
+        try:
+            run_simulation(
+                server_app=make_app(config, on_finish=run_finished),
+                client_app=client_app,
+                num_supernodes=simulation_slots(config),  # worker slots (sampling.py)
+                # Ray is already running (``start_ray``): Flower's backend uses it as it is.
+                backend_config={"client_resources": {"num_cpus": CPUS_PER_CLIENT,
+                                                     "num_gpus": 0.0}},
+                verbose_logging=verbose,
+            )
+        except BaseException as exc:  # re-raised on the caller's thread
+            failure.append(exc)
+        finally:
+            finished.set()
+
+    # Flower's engine runs on its own thread so that the caller can go on once the run is
+    # written, without waiting for the engine's teardown (``wait_for_teardown``).
+    thread = threading.Thread(target=engine, name="flower-simulation", daemon=True)
+    thread.start()
+    finished.wait()
+    if wait_for_teardown or failure or not thread.is_alive():
+        thread.join()
+        if failure:
+            raise failure[0]
     out = Path(config.out)
     if not (out / "summary.json").exists():
         raise ConfigError(f"the simulation ended without finishing the run in {out}; "
@@ -115,27 +151,3 @@ def _prepare_and_import(config: RunConfig) -> RunConfig:
     import client.app  # noqa: F401  (the ClientApp and its torch and Opacus, while Ray starts)
 
     return config
-
-
-def _start_ray(*, verbose: bool) -> None:
-    """Start Ray for Flower's backend, without a ``runtime_env``.
-
-    Flower's backend would start Ray with ``runtime_env={"env_vars": {"PYTHONPATH": ...}}``;
-    any runtime_env stops Ray from pre-starting its worker processes, so each Ray worker
-    (one per core) then starts only when the first round needs it. Ray's processes inherit
-    this process's environment, so the same PYTHONPATH goes there instead.
-    """
-    if ray.is_initialized():
-        return
-    quiet = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
-    if os.environ.get("RAY_ADDRESS"):
-        # A running (multi-node) Ray cluster: its nodes bring their own CPUs and Python
-        # environment; Flower sizes its worker pool to the cluster's CPUs.
-        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
-        return
-    paths = [p for p in sys.path if p]
-    if os.environ.get("PYTHONPATH"):
-        paths.append(os.environ["PYTHONPATH"])
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    # address "local": a fresh instance, even if `ray start` left a cluster on this machine
-    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)

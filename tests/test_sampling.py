@@ -51,19 +51,24 @@ def test_strategy_configures_exactly_the_drawn_nodes():
 
 def test_simulation_slots_serve_the_drawn_clients():
     config = RunConfig(clients=1000, clients_per_round=5, eval_clients_per_round=8)
-    assert simulation_slots(config) == 8
-    assert simulation_slots(RunConfig(clients=10)) == 10  # all take part: one slot each
-    slots = [70 + i for i in range(8)]
+    # a round's evaluation and the next round's training are in flight together: each
+    # phase has slots of its own
+    assert simulation_slots(config) == 5 + 8
+    assert simulation_slots(RunConfig(clients=10)) == 20  # all take part, in both phases
+    slots = [70 + i for i in range(13)]
     sampler = ClientSampler(slots, config, slots=True)
     drawn = sampler.sample(3, "train")
-    assignment = sampler.assign(drawn)
+    assignment = sampler.assign(drawn, "train")
     assert list(assignment) == slots[:5] and list(assignment.values()) == drawn
     partitions = sampler.round_config(assignment)["partitions"]
-    assert partitions == [*drawn, -1, -1, -1]  # slot i serves partitions[i]; idle ones -1
-    assert max(drawn) > 8  # clients beyond the slot count are served
+    assert partitions == [*drawn, *[-1] * 8]  # slot i serves partitions[i]; idle ones -1
+    assert max(drawn) > 13  # clients beyond the slot count are served
+    evaluators = sampler.assign(sampler.sample(3, "evaluate"), "evaluate")
+    assert list(evaluators) == slots[5:] and not set(evaluators) & set(assignment)
+    assert sampler.round_config(evaluators)["partitions"][:5] == [-1] * 5
     assert ClientSampler(slots, config).round_config({}) == {}  # deployment: nothing sent
     with pytest.raises(FedrnnError, match="simulation slots"):
-        ClientSampler(slots[:4], config, slots=True)
+        ClientSampler(slots[:12], config, slots=True)
 
 
 def test_one_record_clients_either_train_or_evaluate():

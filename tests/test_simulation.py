@@ -2,6 +2,14 @@
 
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +134,77 @@ def test_user_level_dp_is_accounted_separately(tmp_path, rdp_reference):
     assert history == [(1.5, 0.5, 1), (1.5, 0.5, 1)]  # 2 of 4 sites sampled per round
     assert user["epsilon"] == pytest.approx(rdp_reference(history, 1e-5), rel=0.01)
     assert user["epsilon"] == rows[-1]["user_epsilon"]
+
+
+def _processes_using(directory: str) -> set[int]:
+    """Live processes with a file open under ``directory`` (every Ray process keeps its log
+    files in its session directory; their command lines are renamed, so not those)."""
+    found = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd).startswith(directory) for fd in fd_dir.iterdir()):
+                found.add(int(fd_dir.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_program_ends_once_the_run_is_written_leaving_no_ray_process(tmp_path):
+    # The `fedrnn` program ends its process itself once the run is on disk, skipping
+    # Flower's wind-down and the interpreter's exit: nothing may be missing or left running.
+    out = tmp_path / "run"
+    ray_dir = tempfile.mkdtemp(prefix="fr-", dir="/tmp")  # short: Ray's sockets live there
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "shared.cli", "simulate", "--dataset", "synthetic",
+             "--clients", "3", "--rounds", "2", "--hidden-size", "8", "--batch-size", "16",
+             "--out", str(out)],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_TMPDIR": ray_dir})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "run directory:" in proc.stdout  # printed before the process ended
+        assert "error" not in proc.stderr.lower()
+        assert [r["round"] for r in _rows(out)] == [1, 2]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds"] == 2
+        load_trained(out)  # model.pt and config.toml whole
+        assert not list(out.glob(".*.tmp"))
+        assert {k: len(v) for k, v in _ledger_rows(out / "ledgers").items()} == {
+            "site-0": 2, "site-1": 2, "site-2": 2}
+        deadline = time.monotonic() + 30
+        while _processes_using(ray_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_using(ray_dir) == set()
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_program_interrupted_stops_at_once_leaving_no_ray_process(tmp_path):
+    # Ctrl-C: Flower's engine threads would otherwise play every remaining round first.
+    out = tmp_path / "run"
+    ray_dir = tempfile.mkdtemp(prefix="fr-", dir="/tmp")
+    proc = None
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "simulate", "--dataset", "synthetic",
+             "--clients", "3", "--rounds", "200", "--hidden-size", "8", "--no-dp",
+             "--out", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "RAY_TMPDIR": ray_dir},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists() or not _rows(out):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 130 and "fedrnn: interrupted" in err, err[-3000:]
+        assert 1 <= len(_rows(out)) < 200 and not (out / "summary.json").exists()
+        assert (out / "checkpoint.pt").exists()  # the rounds done so far can be resumed
+        deadline = time.monotonic() + 30
+        while _processes_using(ray_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_using(ray_dir) == set()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(ray_dir, ignore_errors=True)

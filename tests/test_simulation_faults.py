@@ -76,3 +76,41 @@ def test_stragglers_past_the_round_timeout_are_left_out(tmp_path):
     assert row["dropped_ids"] == row["timed_out"]
     late = row["timed_out"][0]
     assert _charged_rounds(out)[f"site-{late}"] == [1]  # it trained and charged, too late
+
+
+def test_evaluation_and_the_next_training_are_in_flight_together(tmp_path, monkeypatch):
+    # Both start from the round's trained weights: the next round's training is sent with
+    # the round's evaluation, before any evaluation reply is collected, so that Flower's
+    # engine (which picks up new messages every 100 ms) never leaves its workers idle
+    # between the phases. The rounds' results are those of phases run one after another.
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from shared import protocol as P
+
+    sent, events = {}, []
+    push, pull = InMemoryGrid.push_messages, InMemoryGrid.pull_messages
+
+    def recording_push(self, messages):
+        messages = list(messages)
+        ids = list(push(self, messages))
+        for message, message_id in zip(messages, ids, strict=True):
+            sent[message_id] = (message.metadata.message_type,
+                                int(message.content[P.CONFIG][P.ROUND]))
+        events.extend(("sent", sent[i]) for i in ids)
+        return ids
+
+    def recording_pull(self, message_ids):
+        replies = list(pull(self, message_ids))
+        events.extend(("replied", sent[m.metadata.reply_to_message_id]) for m in replies)
+        return replies
+
+    monkeypatch.setattr(InMemoryGrid, "push_messages", recording_push)
+    monkeypatch.setattr(InMemoryGrid, "pull_messages", recording_pull)
+    out = tmp_path / "run"
+    assert main([*COMMON, "--rounds", "3", "--out", str(out)]) == 0
+    assert len(_rows(out)) == 3
+    for server_round in (1, 2):
+        next_training = events.index(("sent", ("train", server_round + 1)))
+        first_reply = events.index(("replied", ("evaluate", server_round)))
+        assert events.index(("sent", ("evaluate", server_round))) < next_training < first_reply
+    assert ("sent", ("train", 4)) not in events  # none beyond the last round

@@ -1,0 +1,114 @@
+"""The Ray instance under ``fedrnn simulate``: started early, its workers warm, stopped fast.
+
+Measured on 2 cores (``fedrnn bench simulation``, README), three of Ray's defaults cost
+the simulation seconds that the same client work in a plain process never pays:
+
+- a Ray worker imports torch, Opacus and Flower (about 2.7 s) only when Flower's first
+  message reaches it, so round 1 waited for it. Here every worker imports them as it
+  starts (Ray's ``preload_python_modules``), while the driver reads the data;
+- Ray's shutdown gives each of its processes a second to exit on SIGTERM, in turn; the
+  autoscaler's monitor never takes it, so every run ended with a one-second wait. The
+  monitor has nothing to do on a single machine: ``stop_ray`` kills it first;
+- Flower's backend starts Ray with a ``runtime_env``, which stops Ray from pre-starting
+  its workers; ``start_ray`` starts it without one (same PYTHONPATH, by environment).
+
+Nothing here imports torch: Ray should start before the driver's own imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import ray
+
+# CPUs Ray reserves for each ClientApp actor, hence the actors per machine (Flower sizes
+# its pool as CPUs // this) and the torch threads each of them runs (worker_preload.py).
+CPUS_PER_CLIENT = 1
+
+# Imported by every worker process of a local Ray instance before it takes work.
+WORKER_PRELOAD = "simulations.worker_preload"
+
+
+def start_ray(*, verbose: bool) -> None:
+    """Start Ray for Flower's backend (or join ``RAY_ADDRESS``), without a ``runtime_env``.
+
+    Flower's backend would start Ray with ``runtime_env={"env_vars": {"PYTHONPATH": ...}}``;
+    any runtime_env stops Ray from pre-starting its worker processes, so each Ray worker
+    (one per core) then starts only when the first round needs it. Ray's processes inherit
+    this process's environment, so the same PYTHONPATH goes there instead.
+    """
+    if ray.is_initialized():
+        return
+    quiet = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
+    if os.environ.get("RAY_ADDRESS"):
+        # A running (multi-node) Ray cluster: its nodes bring their own CPUs and Python
+        # environment (and their own worker settings); Flower sizes its worker pool to the
+        # cluster's CPUs.
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+        return
+    paths = [p for p in sys.path if p]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    # Ray reads its settings from RAY_<name> in the environment of the processes it starts;
+    # scoped to this call so that nothing else this process starts later inherits it.
+    with _environ(RAY_preload_python_modules=WORKER_PRELOAD):
+        # address "local": a fresh instance, even if `ray start` left a cluster here
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                 **quiet)
+
+
+def stop_autoscaler_monitor() -> None:
+    """Kill the local instance's autoscaler monitor, which ``ray.shutdown`` would SIGTERM
+    and then wait a full second for before killing it anyway. A single machine has nothing
+    to autoscale; joined to a cluster (``RAY_ADDRESS``) this process started no monitor
+    and this does nothing."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    kill = getattr(node, "kill_monitor", None)
+    if kill is not None:
+        with contextlib.suppress(Exception):  # already gone, or Ray changed: shutdown copes
+            kill(check_alive=False)
+
+
+def stop_ray(*, for_exit: bool = False) -> None:
+    """Ray's orderly shutdown (the raylet stops its workers and agents), minus the wait.
+
+    ``for_exit``: the process ends right after this (``os._exit``) while Flower's engine
+    may still be running on its threads, as when a run is interrupted. Ray is then stopped
+    from below: the raylet is asked to stop (it stops its workers and agents) and waited
+    for (tens of ms); Ray's other processes die with this one (Linux ends them with their
+    parent) or are killed. The driver is not disconnected: Ray ends a process with status
+    1 as soon as one of its threads calls Ray after ``ray.shutdown``.
+    """
+    if not ray.is_initialized():
+        return
+    stop_autoscaler_monitor()
+    node = getattr(ray._private.worker, "_global_node", None)
+    raylets = getattr(node, "all_processes", {}).get("raylet") if node is not None else None
+    if not for_exit or not raylets:  # joined to a cluster: nothing of it is ours to stop
+        ray.shutdown()
+        return
+    raylet = raylets[0].process
+    raylet.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        raylet.wait(timeout=10)
+    if not getattr(node, "kernel_fate_share", False):
+        node.kill_all_processes(check_alive=False, allow_graceful=False)
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

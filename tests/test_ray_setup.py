@@ -1,0 +1,78 @@
+"""The local Ray instance: workers start with the ClientApp loaded; stopping leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import ray
+
+from simulations.ray_setup import start_ray, stop_autoscaler_monitor, stop_ray
+
+
+def _alive(pid: int) -> bool:
+    """Running, not merely a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_until_dead(pids: set[int], *, within: float = 30.0) -> set[int]:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    return {p for p in pids if _alive(p)}
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_workers_start_with_the_client_app_and_one_thread_each():
+    def worker_state() -> tuple[bool, bool, int]:
+        import sys
+
+        # nothing in this task imports them: they were loaded as the worker started
+        loaded = "client.app" in sys.modules, "torch" in sys.modules
+        return (*loaded, sys.modules["torch"].get_num_threads() if loaded[1] else 0)
+
+    start_ray(verbose=False)
+    try:
+        task = ray.remote(num_cpus=1)(worker_state)
+        states = ray.get([task.remote() for _ in range(2)])
+    finally:
+        stop_ray()
+    assert states == [(True, True, 1)] * 2
+
+
+def test_stopping_leaves_no_ray_process_behind():
+    # (stop_ray(for_exit=True), which the process must follow by exiting, is checked by
+    # running the program: test_simulation.py)
+    start_ray(verbose=False)
+    node = ray._private.worker._global_node
+    raylet = node.all_processes["raylet"][0].process.pid
+    monitor = node.all_processes["monitor"][0].process.pid
+    pids = {info.process.pid for infos in node.all_processes.values() for info in infos}
+
+    def pid() -> int:
+        return os.getpid()
+
+    pids |= set(ray.get([ray.remote(num_cpus=1)(pid).remote() for _ in range(2)]))
+    pids |= _children(raylet)  # its workers and agents
+    assert len(pids) > 6
+
+    stop_autoscaler_monitor()  # killed, not asked to stop and waited for
+    assert not _wait_until_dead({monitor}) and _alive(raylet)
+    stop_ray()
+    assert not ray.is_initialized()
+    assert _wait_until_dead(pids) == set()
