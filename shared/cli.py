@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import NoReturn
 
-from shared.config import RunConfig, key_of, load_toml
-from shared.errors import ConfigError, FedrnnError
-from shared.logs import console_logging
+# Flower reports run events to telemetry.flower.ai unless told not to, and reads the
+# setting once, when first imported; every process fedrnn starts (SuperLink, SuperNode,
+# Ray workers) inherits it. A user who wants telemetry sets FLWR_TELEMETRY_ENABLED=1.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from shared.config import RunConfig, key_of, load_toml  # noqa: E402
+from shared.errors import ConfigError, FedrnnError  # noqa: E402
+from shared.logs import console_logging  # noqa: E402
 
 EPILOG_SIMULATE = """examples:
   fedrnn simulate                                  # nafld, 10 hospitals, GRU, DP eps 8

@@ -45,3 +45,17 @@ def test_pyproject_app_config_agrees_with_defaults():
     assert RunConfig.from_flat(app_config) == RunConfig()
     components = pyproject["tool"]["flwr"]["app"]["components"]
     assert components == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+
+
+def test_the_fedrnn_command_turns_flowers_telemetry_off():
+    """A privacy tool does not report run events to a third party by default."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
+    code = ("import shared.cli, flwr.supercore.telemetry as t; "
+            "print(t.FLWR_TELEMETRY_ENABLED, t.os.environ['FLWR_TELEMETRY_ENABLED'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out == ["0", "0"]
