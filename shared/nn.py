@@ -438,16 +438,20 @@ def _lstm_forward(gi, states, first, c0, w_hh, b_hh, order, reverse, mask, nonli
     cells[first] = c0
     tanh_c = _scratch(gi, steps, batch, hidden)
     w_t = w_hh.t()
+    # Views made once (unbind), not by indexing in the loop: each index is a dispatch.
+    gate_rows, h_rows, c_rows, tc_rows = gi.unbind(0), states.unbind(0), cells.unbind(0), \
+        tanh_c.unbind(0)
     for t, prev, nxt in _steps(order, reverse):
-        g = gi[t]  # activations overwrite the pre-activations in place
-        g.addmm_(states[prev], w_t)
+        g = gate_rows[t]  # activations overwrite the pre-activations in place
+        g.addmm_(h_rows[prev], w_t)
+        i, f, cell_gate, o = g.view(batch, 4, hidden).unbind(1)
         g[:, : 2 * hidden].sigmoid_()
-        g[:, 2 * hidden: 3 * hidden].tanh_()
-        g[:, 3 * hidden:].sigmoid_()
-        c = torch.mul(g[:, hidden: 2 * hidden], cells[prev], out=cells[nxt])
-        c.addcmul_(g[:, :hidden], g[:, 2 * hidden: 3 * hidden])
-        torch.tanh(c, out=tanh_c[t])
-        torch.mul(g[:, 3 * hidden:], tanh_c[t], out=states[nxt])
+        cell_gate.tanh_()
+        o.sigmoid_()
+        c = torch.mul(f, c_rows[prev], out=c_rows[nxt])
+        c.addcmul_(i, cell_gate)
+        torch.tanh(c, out=tc_rows[t])
+        torch.mul(o, tc_rows[t], out=h_rows[nxt])
         if mask is not None:
             _mask_state(states, prev, nxt, mask[t])
             _mask_state(cells, prev, nxt, mask[t])
@@ -479,15 +483,18 @@ def _lstm_backward(saved, states, d_out, d_hn, d_cn, w_hh, order, reverse, mask,
     d_gv = d_g.view(steps, batch, 4, hidden)
     dc = d_cn.clone() if d_cn is not None else torch.zeros_like(d_hn)
     dh = d_hn.clone()
+    k_ifg, k_o = k[:, :, :3].unbind(0), k[:, :, 3].unbind(0)  # views made once
+    d_ifg, d_o, d_rows = d_gv[:, :, :3].unbind(0), d_gv[:, :, 3].unbind(0), d_g.unbind(0)
+    f_rows, od_rows = f.unbind(0), o_dtanh.unbind(0)
     for t, following in _backward_steps(order, reverse, d_out, dh):
         if mask is None:
-            dc_t = dc.addcmul_(dh, o_dtanh[t])
+            dc_t = dc.addcmul_(dh, od_rows[t])
         else:
-            dc_t = torch.addcmul(dc * mask[t], dh, o_dtanh[t])
-        torch.mul(dc_t.unsqueeze(1), k[t, :, :3], out=d_gv[t, :, :3])
-        torch.mul(dh, k[t, :, 3], out=d_gv[t, :, 3])
-        dc_next = dc_t * f[t]
-        through = _through(d_g[t], w_hh, following)
+            dc_t = torch.addcmul(dc * mask[t], dh, od_rows[t])
+        torch.mul(dc_t.unsqueeze(1), k_ifg[t], out=d_ifg[t])
+        torch.mul(dh, k_o[t], out=d_o[t])
+        dc_next = dc_t * f_rows[t]
+        through = _through(d_rows[t], w_hh, following)
         if mask is not None:
             dc_next.addcmul_(dc, keep[t])
             through.addcmul_(dh, keep[t])
