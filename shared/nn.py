@@ -221,7 +221,7 @@ class _Sweep(torch.autograd.Function):
         saved = _FORWARD[mode](gi, states, first, c0, w_hh, b_hh, order, reverse, mask,
                                nonlinearity)
         last = 0 if reverse else steps
-        out = states[:steps] if reverse else states[1:]
+        out = _after(states, reverse)
         if mask is not None:
             out = out * mask
         ctx.mode, ctx.nonlinearity, ctx.reverse, ctx.mask = mode, nonlinearity, reverse, mask
@@ -242,7 +242,7 @@ class _Sweep(torch.autograd.Function):
         _given, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
         x, states, mask, reverse = ctx.x, ctx.states, ctx.mask, ctx.reverse
         steps = x.shape[0]
-        h_prev = states[1:] if reverse else states[:steps]  # [T, B, H], h_{t-1} per step
+        h_prev = _before(states, reverse)  # [T, B, H], h_{t-1} per step
         if mask is not None:
             d_out = d_out * mask
         first = getattr(ctx, "first", None)
@@ -406,6 +406,17 @@ def _steps(order, reverse: bool):
         yield t, (t + 1 if reverse else t), (t if reverse else t + 1)
 
 
+def _before(buffer: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """[T, ...] view of a [T + 1, ...] state buffer: the state each time step started from.
+    The forward direction fills the buffer from index 0, the reverse one from index T."""
+    return buffer[1:] if reverse else buffer[:-1]
+
+
+def _after(buffer: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """[T, ...] view of a [T + 1, ...] state buffer: the state after each time step."""
+    return buffer[:-1] if reverse else buffer[1:]
+
+
 def _backward_steps(order, reverse: bool, d_out: torch.Tensor, dh: torch.Tensor):
     """The steps in backward order, each with the output gradient of the step after it in
     that order (None at the end). ``dh`` is given the first step's output gradient here;
@@ -463,7 +474,7 @@ def _lstm_backward(saved, states, d_out, d_hn, d_cn, w_hh, order, reverse, mask,
     steps, batch, gates = acts.shape
     hidden = gates // 4
     i, f, g, o = acts.view(steps, batch, 4, hidden).unbind(2)
-    c_prev = cells[1:] if reverse else cells[:steps]
+    c_prev = _before(cells, reverse)
     # d(pre-activation) = k * d(c) for i, f, g and k * d(h) for o. Few passes, in place:
     # these arrays are [T, B, H] each, and every pass over them costs about a millisecond.
     k = torch.addcmul(acts, acts, acts, value=-1, out=_scratch(acts, *acts.shape))
@@ -529,7 +540,7 @@ def _gru_backward(saved, states, d_out, d_hn, _dc, w_hh, order, reverse, mask, _
     steps, batch, gates = gh.shape
     hidden = gates // 3
     r, z = rz[..., :hidden], rz[..., hidden:]
-    h_prev = states[1:] if reverse else states[:steps]
+    h_prev = _before(states, reverse)
     d_npre = (1 - z) * (1 - n * n)  # per unit of d(h)
     k_gi = torch.stack([d_npre * gh[..., 2 * hidden:] * r * (1 - r),
                         (h_prev - n) * z * (1 - z), d_npre], dim=2)
@@ -568,8 +579,7 @@ def _rnn_forward(gi, states, first, c0, w_hh, b_hh, order, reverse, mask, nonlin
 
 
 def _rnn_backward(saved, states, d_out, d_hn, _dc, w_hh, order, reverse, mask, nonlinearity):
-    steps = states.shape[0] - 1
-    h = states[:steps] if reverse else states[1:]  # each step's output state
+    h = _after(states, reverse)  # each step's output state
     k = 1 - h * h if nonlinearity == "tanh" else (h > 0).to(h.dtype)
     if mask is not None:
         k = k * mask
