@@ -9,6 +9,11 @@ Where a site's data and ledger are is the site's business, given by its node con
 a simulated site has a ``partition-id`` into the simulation's data; a deployed site
 (``fedrnn client``) has ``data`` (its records file), ``ledger``, ``name`` and optionally
 its own ``budget-epsilon``/``budget-delta``, which override whatever the server proposes.
+
+The training code (``client.training``, with Opacus) is imported by the handlers, not
+here: a simulation's driver imports this module only to hand ``app`` to Flower's engine,
+and Opacus would cost it 1.4 s of CPU beside workers that are busy importing it too.
+Processes that serve sites import it up front (``simulations.worker_preload``).
 """
 
 from __future__ import annotations
@@ -24,8 +29,6 @@ from client.faults import fault_mod
 from client.ledger import Ledger
 from client.slots import partition_id
 from client.spending import BudgetExhausted, charge_round
-from client.training import evaluate as evaluate_local
-from client.training import train as train_local
 from shared import protocol as P
 from shared.config import RunConfig
 from shared.data import ClientData, client_data, site_data
@@ -59,6 +62,8 @@ def train(msg: Message, context: Context) -> Message:
                                      planned=planned, config=config)
             except BudgetExhausted as exc:
                 return Message(Error(P.DECLINED_BUDGET, str(exc)), reply_to=msg)
+    from client.training import train as train_local
+
     # Only now, with the release committed to the ledger, does training on the records start.
     result = train_local(model, data.train, config, noise_multiplier=sigma,
                          seed=_seed(config, msg, context, server_round))
@@ -80,6 +85,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    from client.training import evaluate as evaluate_local
+
     config, _ = _run_config(msg, context)
     data = _site_data(config, msg, context)
     metrics = evaluate_local(_global_model(config, msg), data.eval, config)

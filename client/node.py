@@ -112,8 +112,9 @@ def run_site(options: SiteOptions) -> int:
     n_records = read_site_records(options)
     log.info("site %s: %d records in %s, ledger %s", options.name, n_records, options.data,
              options.ledger)
-    # Imported before connecting: the first round must not wait for torch.
+    # Imported before connecting: the first round must not wait for torch and Opacus.
     import client.app  # noqa: F401
+    import client.training  # noqa: F401
 
     last_contact = time.monotonic()
     while True:

@@ -32,7 +32,10 @@ Measured with ``fedrnn bench dp-step`` (README).
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import math
+import sys
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,8 +43,6 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import register_grad_sampler, register_norm_sampler
-from opacus.grad_sample.embedding import compute_embedding_grad_sample
 from torch import nn
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -675,10 +676,6 @@ class Embedding(nn.Embedding):
     ``unique_dim``, ``select``, ``equal``)."""
 
 
-register_grad_sampler(Embedding)(compute_embedding_grad_sample)
-
-
-@register_grad_sampler([LSTM, GRU, RNN])
 def _recurrent_grad_sample(layer: _Recurrent, activations: list[torch.Tensor],
                            backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of every weight of ``layer`` from its last backward pass.
@@ -712,7 +709,6 @@ def _recurrent_grad_sample(layer: _Recurrent, activations: list[torch.Tensor],
     return samples
 
 
-@register_norm_sampler([LSTM, GRU, RNN])
 def _recurrent_norm_sample(layer: _Recurrent, activations: list[torch.Tensor],
                            backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradient norms of every weight of ``layer``, for Opacus's ghost clipping
@@ -795,3 +791,48 @@ def _accumulate_grad(param: nn.Parameter, grad: torch.Tensor, scale: float) -> N
     if scale != 1.0:
         grad = grad.mul_(scale)
     param.grad = grad if param.grad is None else param.grad + grad
+
+
+def _register_with_opacus() -> None:
+    """Opacus's own extension points: ``PrivacyEngine`` then handles these layers as it
+    handles its own, in both of its clipping modes."""
+    from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+    from opacus.grad_sample.embedding import compute_embedding_grad_sample
+
+    register_grad_sampler(Embedding)(compute_embedding_grad_sample)
+    register_grad_sampler([LSTM, GRU, RNN])(_recurrent_grad_sample)
+    register_norm_sampler([LSTM, GRU, RNN])(_recurrent_norm_sample)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls ``then`` as soon as the package ``name`` has been imported.
+
+    The layers register with Opacus when Opacus is imported, not when they are: importing
+    Opacus costs 1.4 s of CPU, and processes that only hold a model's weights (the server,
+    a simulation's driver beside its busy workers) never train it privately. Opacus
+    cannot be used before it is imported, so nothing can reach it unregistered.
+    """
+
+    def __init__(self, name: str, then) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # the real finders locate the package
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            execute = spec.loader.exec_module
+
+            def exec_module(module) -> None:
+                execute(module)
+                self.then()
+
+            spec.loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
+
+
+if "opacus" in sys.modules:
+    _register_with_opacus()
+else:
+    sys.meta_path.insert(0, _AfterImport("opacus", _register_with_opacus))

@@ -14,9 +14,10 @@ import math
 import warnings
 
 import numpy as np
-from opacus.accountants import create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
+
+# Opacus is imported by the functions that compute with it: this module's types and
+# sampling arithmetic are used by processes that never account (a simulation's driver),
+# and importing Opacus costs them 1.4 s of CPU.
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 
@@ -54,6 +55,9 @@ def epsilon(history: History, *, delta: float, accountant: str = "rdp") -> float
     """Epsilon at ``delta`` after every release in ``history`` (0 for none)."""
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     if accountant == "rdp":
         # Opacus's RDPAccountant.get_privacy_spent, with each mechanism's one-step RDP
         # curve cached: computing it (156 orders, fractional ones by series) took 0.13 s,
@@ -69,6 +73,8 @@ def epsilon(history: History, *, delta: float, accountant: str = "rdp") -> float
 
 @functools.lru_cache(maxsize=256)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     rdp = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
                                    orders=RDP_ORDERS)
     rdp.flags.writeable = False  # shared by every caller of the cache
@@ -95,6 +101,8 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
                     accountant: str = "rdp") -> float:
     """Smallest noise multiplier whose ``steps`` releases at ``sample_rate`` stay within
     ``(target_epsilon, delta)`` (Opacus's search, tolerance 0.01 in epsilon)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     with _quiet(accountant):
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                           sample_rate=sample_rate, steps=steps,

@@ -148,6 +148,6 @@ def _prepare_and_import(config: RunConfig) -> RunConfig:
     config = prepare(config)
     import flwr.simulation  # noqa: F401
 
-    import client.app  # noqa: F401  (the ClientApp and its torch and Opacus, while Ray starts)
+    import client.app  # noqa: F401  (the ClientApp, without Opacus: see its module docstring)
 
     return config

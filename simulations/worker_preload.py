@@ -1,6 +1,6 @@
 """Imported by each Ray worker process of ``fedrnn simulate`` as it starts (``ray_setup``).
 
-The ClientApp's libraries (torch, Opacus, Flower: about 2.7 s) are then loaded while the
+The ClientApp's libraries (torch, Opacus, Flower: about 3.5 s) are then loaded while the
 driver is still reading the data, not when round 1's first message arrives. So is
 Flower's actor class, whose module pulls in the rest of Flower's simulation package.
 """
@@ -17,3 +17,4 @@ os.environ.setdefault("OMP_NUM_THREADS", str(CPUS_PER_CLIENT))
 import flwr.simulation.ray_transport.ray_actor  # noqa: E402, F401
 
 import client.app  # noqa: E402, F401
+import client.training  # noqa: E402, F401  (torch and Opacus: the handlers import it)

@@ -1,6 +1,8 @@
 """shared.nn: drop-in equivalence with torch's layers, and exact per-sample gradients."""
 
 import itertools
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -364,3 +366,27 @@ def test_frozen_weights_get_no_gradient_and_inputs_changed_in_place_are_an_error
     y.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("first", ["shared.nn", "opacus.grad_sample.utils"])
+def test_the_layers_register_with_opacus_whichever_is_imported_first(first):
+    # Importing the layers does not import Opacus (the server only holds weights); they
+    # are registered as soon as Opacus is imported, by any of its modules.
+    other = "opacus" if first == "shared.nn" else "shared.nn"
+    code = f"""
+import sys
+import {first}
+assert ("opacus" in sys.modules) == {first.startswith("opacus")}
+import {other}
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+    GradSampleModuleFastGradientClipping as Ghost)
+from shared import nn as dpnn
+for layer in (dpnn.LSTM, dpnn.GRU, dpnn.RNN, dpnn.Embedding):
+    assert layer in GradSampleModule.GRAD_SAMPLERS, layer
+for layer in (dpnn.LSTM, dpnn.GRU, dpnn.RNN):
+    assert layer in Ghost.NORM_SAMPLERS, layer
+GradSampleModule(dpnn.LSTM(3, 4))  # supported: no error
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

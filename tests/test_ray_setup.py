@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -39,12 +41,13 @@ def _children(pid: int) -> set[int]:
 
 
 def test_workers_start_with_the_client_app_and_one_thread_each():
-    def worker_state() -> tuple[bool, bool, int]:
+    def worker_state() -> tuple[bool, bool, bool, int]:
         import sys
 
         # nothing in this task imports them: they were loaded as the worker started
-        loaded = "client.app" in sys.modules, "torch" in sys.modules
-        return (*loaded, sys.modules["torch"].get_num_threads() if loaded[1] else 0)
+        loaded = ("client.app" in sys.modules, "opacus" in sys.modules,
+                  "torch" in sys.modules)
+        return (*loaded, sys.modules["torch"].get_num_threads() if loaded[2] else 0)
 
     start_ray(verbose=False)
     try:
@@ -52,7 +55,15 @@ def test_workers_start_with_the_client_app_and_one_thread_each():
         states = ray.get([task.remote() for _ in range(2)])
     finally:
         stop_ray()
-    assert states == [(True, True, 1)] * 2
+    assert states == [(True, True, True, 1)] * 2
+
+
+def test_the_driver_does_not_import_opacus():
+    # The driver only hands the ClientApp to Flower and holds weights; Opacus (1.4 s of CPU)
+    # would compete with the workers' start-up on a small machine.
+    code = ("import sys, simulations.simulate, server.app, client.app, shared.models, "
+            "shared.privacy; sys.exit('opacus' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_stopping_leaves_no_ray_process_behind():
