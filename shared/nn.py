@@ -477,20 +477,20 @@ def _lstm_forward(gi, states, first, c0, w_hh, b_hh, order, reverse, mask, nonli
     cells[first] = c0
     tanh_c = _scratch(gi, steps, batch, hidden)
     w_t = w_hh.t()
-    # Views made once (unbind), not by indexing in the loop: each index is a dispatch.
-    gate_rows, h_rows, c_rows, tc_rows = gi.unbind(0), states.unbind(0), cells.unbind(0), \
-        tanh_c.unbind(0)
+    # Every per-step view made once (unbind), not in the loop: each view is a dispatch.
+    gates_4 = gi.view(steps, batch, 4, hidden)
+    gate_rows, if_rows = gi.unbind(0), gates_4[:, :, :2].unbind(0)
+    i_rows, f_rows, g_rows, o_rows = (gates_4[:, :, k].unbind(0) for k in range(4))
+    h_rows, c_rows, tc_rows = states.unbind(0), cells.unbind(0), tanh_c.unbind(0)
     for t, prev, nxt in _steps(order, reverse):
-        g = gate_rows[t]  # activations overwrite the pre-activations in place
-        g.addmm_(h_rows[prev], w_t)
-        i, f, cell_gate, o = g.view(batch, 4, hidden).unbind(1)
-        g[:, : 2 * hidden].sigmoid_()
-        cell_gate.tanh_()
-        o.sigmoid_()
-        c = torch.mul(f, c_rows[prev], out=c_rows[nxt])
-        c.addcmul_(i, cell_gate)
+        gate_rows[t].addmm_(h_rows[prev], w_t)  # activations overwrite it in place
+        if_rows[t].sigmoid_()
+        g_rows[t].tanh_()
+        o_rows[t].sigmoid_()
+        c = torch.mul(f_rows[t], c_rows[prev], out=c_rows[nxt])
+        c.addcmul_(i_rows[t], g_rows[t])
         torch.tanh(c, out=tc_rows[t])
-        torch.mul(o, tc_rows[t], out=h_rows[nxt])
+        torch.mul(o_rows[t], tc_rows[t], out=h_rows[nxt])
         if mask is not None:
             _mask_state(states, prev, nxt, mask[t])
             _mask_state(cells, prev, nxt, mask[t])
