@@ -19,6 +19,9 @@ from typing import NoReturn
 # setting once, when first imported; every process fedrnn starts (SuperLink, SuperNode,
 # Ray workers) inherits it. A user who wants telemetry sets FLWR_TELEMETRY_ENABLED=1.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# Likewise Ray, under `fedrnn simulate`: its dashboard process reports cluster usage to
+# usage-stats.ray.io by default (RAY_USAGE_STATS_ENABLED=1 turns it back on).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from shared.config import RunConfig, key_of, load_toml  # noqa: E402
 from shared.errors import ConfigError, FedrnnError  # noqa: E402

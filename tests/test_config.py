@@ -59,3 +59,16 @@ def test_the_fedrnn_command_turns_flowers_telemetry_off():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True).stdout.split()
     assert out == ["0", "0"]
+
+
+def test_the_fedrnn_command_turns_rays_usage_stats_off():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}
+    code = ("import shared.cli; from ray._common.usage.usage_lib import usage_stats_enabled; "
+            "print(usage_stats_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out == ["False"]
