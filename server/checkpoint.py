@@ -37,9 +37,19 @@ class Checkpoint:
 
 
 def save(run_dir: str | Path, checkpoint: Checkpoint) -> None:
+    write(run_dir, encode(checkpoint))
+
+
+def encode(checkpoint: Checkpoint) -> bytes:
+    """The checkpoint as it is now (later changes to its weights or the strategy's state
+    do not reach it), for ``write`` to store later."""
     buffer = io.BytesIO()
     torch.save(checkpoint.__dict__, buffer)
-    write_atomic(Path(run_dir) / CHECKPOINT, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write(run_dir: str | Path, data: bytes) -> None:
+    write_atomic(Path(run_dir) / CHECKPOINT, data)
 
 
 def load(run_dir: str | Path) -> Checkpoint | None:

@@ -82,15 +82,20 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         sampler = ClientSampler(nodes_in_partition_order(grid), config, slots=True)
     timeout = config.round_timeout or None
     # In a simulation a round's evaluation and the next round's training go out together:
-    # both start from the weights the round's training produced, their slots differ
-    # (sampling.py), and Flower's engine picks up new messages only every 100 ms, so one
-    # pick-up per round instead of two, and no worker idles between the phases. A
-    # deployment keeps them apart: there a site may be asked to do both.
+    # both start from the weights the round's training produced and their slots differ
+    # (sampling.py). The training slots come first, so Flower's engine queues the training
+    # first; this loop takes a round's training replies as soon as they are in, and sends
+    # the next pair while the workers still evaluate the previous weights. The round's row
+    # and checkpoint follow. Workers so never wait on the server's aggregation nor on the
+    # engine's pick-up of new messages (every 100 ms): measured on 2 cores, both workers
+    # stood idle 0.78 s of an 8 s run between rounds. A deployment keeps the phases apart:
+    # there a site may be asked to do both.
     pipelined = sampler is not None
 
     started = time.monotonic()
     training = _push(grid, strategy, sampler, flat, first_round, "train", arrays,
                      timeout=timeout)
+    previous: _Trained | None = None  # trained, its evaluation still out
     for server_round in range(first_round, config.rounds + 1):
         updates, declined, lost = _receive(grid, training)
         trainers = training.partitions
@@ -108,48 +113,30 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         evaluating = _push(grid, strategy, sampler, flat, server_round, "evaluate", arrays,
                            timeout=timeout)
         go_on = server_round < config.rounds and len(exhausted) < config.clients
-        # the state a restart from this round's checkpoint resumes with: taken before the
-        # next round's training draws from the generators
+        # the state a restart from this round's checkpoint resumes with: the generators
+        # before the next round's training draws from them, the rest as this round left it
+        # (encoded now, written with the round's row)
         rng = checkpoint.rng_state()
         training = None
         if go_on and pipelined:
             training = _push(grid, strategy, sampler, flat, server_round + 1, "train", arrays,
                              timeout=timeout)
-        evaluations, _, _ = _receive(grid, evaluating)
-        evaluations.sort(key=lambda m: evaluating.partitions[m.metadata.src_node_id])
-        eval_metrics = strategy.aggregate_evaluate(server_round, evaluations) or {}
-        train_metrics = train_metrics or {}
-        row = {"round": server_round}
-        row.update({name: eval_metrics[name] for name in METRICS[config.task]
-                    if name in eval_metrics})
-        if "perplexity" in row and not math.isnan(row["loss"]):
-            # exp of the token-weighted mean loss: the federation's perplexity (a mean of
-            # the clients' perplexities would overstate it, exp being convex)
-            row["perplexity"] = math.exp(min(row["loss"], 50.0))
-        row["train_loss"] = train_metrics.get(P.TRAIN_LOSS, math.nan)
-        row["epsilon_max"] = (train_metrics.get(EPSILON_MAX, math.nan)
-                              if config.record_level else math.inf)
-        if config.user_level:
-            row["user_epsilon"] = epsilon(user_history, delta=config.delta,
-                                          accountant=config.accountant)
-        row["clients"] = len(updates)
-        row["declined"] = len(declined)
-        # sampled sites whose update never arrived: how many, and which (partition ids),
-        # failed or silent past the round timeout
-        row["dropped"] = len(lost["failed"]) + len(lost["timed_out"])
-        row["dropped_ids"] = sorted(trainers[n] for n in lost["failed"] + lost["timed_out"])
-        row["timed_out"] = sorted(trainers[n] for n in lost["timed_out"])
-        # wall time since the previous round's row: rounds overlap (the next round's
-        # training runs beside this one's evaluation), so these add up to the run's time
-        now = time.monotonic()
-        row["seconds"] = round(now - started, 3)
-        started = now
-        record.add_round(row)
-        checkpoint.save(record.dir, checkpoint.Checkpoint(
-            server_round=server_round, weights=arrays.to_torch_state_dict(),
-            strategy=checkpoint.strategy_state(strategy), user_history=list(user_history),
-            rng=rng))
-        log.info("%s", _progress_line(row, config))
+        current = _Trained(
+            server_round=server_round, evaluating=evaluating,
+            train_metrics=train_metrics or {}, clients=len(updates), declined=len(declined),
+            dropped_ids=sorted(trainers[n] for n in lost["failed"] + lost["timed_out"]),
+            timed_out=sorted(trainers[n] for n in lost["timed_out"]),
+            user_history=list(user_history),
+            checkpoint=checkpoint.encode(checkpoint.Checkpoint(
+                server_round=server_round, weights=arrays.to_torch_state_dict(),
+                strategy=checkpoint.strategy_state(strategy), user_history=list(user_history),
+                rng=rng)))
+        if previous is not None:
+            started = _finish_round(grid, strategy, record, config, previous, started)
+        # this round's row now, unless its evaluation runs beside the next round's training
+        previous = current if pipelined and go_on else None
+        if previous is None:
+            started = _finish_round(grid, strategy, record, config, current, started)
         if len(exhausted) >= config.clients:
             log.warning("every site's privacy budget is spent: stopping after round %d "
                         "(fedrnn audit %s shows each site's spend)", server_round, record.dir)
@@ -198,6 +185,59 @@ def _user_level_summary(config: RunConfig, history: History) -> dict | None:
         "history": [{"noise_multiplier": s, "sample_rate": q, "steps": n}
                     for s, q, n in history],
     }
+
+
+@dataclass
+class _Trained:
+    """A round whose training is aggregated: what its row and checkpoint need once its
+    evaluation is in."""
+
+    server_round: int
+    evaluating: _Phase
+    train_metrics: dict
+    clients: int
+    declined: int
+    dropped_ids: list[int]  # partition ids whose update never arrived (failed or silent)
+    timed_out: list[int]
+    user_history: History
+    checkpoint: bytes
+
+
+def _finish_round(grid: Grid, strategy, record: RunRecord, config: RunConfig,  # noqa: ANN001
+                  done: _Trained, started: float) -> float:
+    """Take ``done``'s evaluation, write its row and checkpoint, show its progress line;
+    returns the time the row was written."""
+    evaluations, _, _ = _receive(grid, done.evaluating)
+    evaluations.sort(key=lambda m: done.evaluating.partitions[m.metadata.src_node_id])
+    eval_metrics = strategy.aggregate_evaluate(done.server_round, evaluations) or {}
+    row = {"round": done.server_round}
+    row.update({name: eval_metrics[name] for name in METRICS[config.task]
+                if name in eval_metrics})
+    if "perplexity" in row and not math.isnan(row["loss"]):
+        # exp of the token-weighted mean loss: the federation's perplexity (a mean of
+        # the clients' perplexities would overstate it, exp being convex)
+        row["perplexity"] = math.exp(min(row["loss"], 50.0))
+    row["train_loss"] = done.train_metrics.get(P.TRAIN_LOSS, math.nan)
+    row["epsilon_max"] = (done.train_metrics.get(EPSILON_MAX, math.nan)
+                          if config.record_level else math.inf)
+    if config.user_level:
+        row["user_epsilon"] = epsilon(done.user_history, delta=config.delta,
+                                      accountant=config.accountant)
+    row["clients"] = done.clients
+    row["declined"] = done.declined
+    # sampled sites whose update never arrived: how many, and which (partition ids),
+    # failed or silent past the round timeout
+    row["dropped"] = len(done.dropped_ids)
+    row["dropped_ids"] = done.dropped_ids
+    row["timed_out"] = done.timed_out
+    # wall time since the previous round's row: rounds overlap (the next round's
+    # training runs beside this one's evaluation), so these add up to the run's time
+    now = time.monotonic()
+    row["seconds"] = round(now - started, 3)
+    record.add_round(row)
+    checkpoint.write(record.dir, done.checkpoint)
+    log.info("%s", _progress_line(row, config))
+    return now
 
 
 def _participants(sampler: ClientSampler | None, grid: Grid, flat: dict, server_round: int,
