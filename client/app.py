@@ -18,6 +18,8 @@ Processes that serve sites import it up front (``simulations.worker_preload``).
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import secrets
 from pathlib import Path
@@ -117,7 +119,14 @@ def _run_config(msg: Message, context: Context) -> tuple[RunConfig, int]:
     for key in ("budget-epsilon", "budget-delta"):  # the site's own limits win
         if key in context.node_config:
             values[key] = float(context.node_config[key])
-    return RunConfig.from_flat(values), server_round
+    return _parsed(json.dumps(values, sort_keys=True)), server_round
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed(values: str) -> RunConfig:
+    """A run's config is the same in every message but the round: parsed and checked once
+    per process (0.7 ms a message, 400 messages in the default simulation)."""
+    return RunConfig.from_flat(json.loads(values))
 
 
 def _site_data(config: RunConfig, msg: Message, context: Context) -> ClientData:
