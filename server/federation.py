@@ -36,6 +36,7 @@ from shared.config import RunConfig
 from shared.data import resolve
 from shared.errors import FedrnnError
 from shared.models import build_model
+from shared.plots import import_in_background
 from shared.privacy import History, epsilon
 from shared.tasks import METRICS
 
@@ -93,8 +94,15 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     pipelined = sampler is not None
 
     started = time.monotonic()
-    training = _push(grid, strategy, sampler, flat, first_round, "train", arrays,
+    def push_training(server_round: int, arrays: ArrayRecord) -> _Phase:
+        if server_round == config.rounds:
+            # The figure is drawn once the last round ends: matplotlib is imported while
+            # the sites train it (0.33 s of the 0.5 s from the last reply to the run's end).
+            import_in_background()
+        return _push(grid, strategy, sampler, flat, server_round, "train", arrays,
                      timeout=timeout)
+
+    training = push_training(first_round, arrays)
     previous: _Trained | None = None  # trained, its evaluation still out
     for server_round in range(first_round, config.rounds + 1):
         updates, declined, lost = _receive(grid, training)
@@ -119,8 +127,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         rng = checkpoint.rng_state()
         training = None
         if go_on and pipelined:
-            training = _push(grid, strategy, sampler, flat, server_round + 1, "train", arrays,
-                             timeout=timeout)
+            training = push_training(server_round + 1, arrays)
         current = _Trained(
             server_round=server_round, evaluating=evaluating,
             train_metrics=train_metrics or {}, clients=len(updates), declined=len(declined),
@@ -142,8 +149,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                         "(fedrnn audit %s shows each site's spend)", server_round, record.dir)
             break
         if go_on and training is None:
-            training = _push(grid, strategy, sampler, flat, server_round + 1, "train", arrays,
-                             timeout=timeout)
+            training = push_training(server_round + 1, arrays)
 
     final_model = build_model(config)
     final_model.load_state_dict(arrays.to_torch_state_dict())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from typing import Any
 
 
@@ -15,6 +16,13 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def import_in_background() -> None:
+    """Start importing matplotlib on a daemon thread, for a process that will draw soon and
+    waits on others now; ``pyplot()`` then finds it loaded, or waits for the import to end
+    (Python's import lock)."""
+    threading.Thread(target=pyplot, name="import-matplotlib", daemon=True).start()
 
 
 def png_bytes(fig: Any) -> bytes:
