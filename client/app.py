@@ -42,6 +42,9 @@ app = ClientApp(mods=[fault_mod])  # fault_mod: injected faults of simulations o
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    # here, not at module level (module docstring), and before the ledger is charged
+    from client.training import train as train_local
+
     config, server_round = _run_config(msg, context)
     data = _site_data(config, msg, context)
     if "data" in context.node_config and not config.record_level:
@@ -64,8 +67,6 @@ def train(msg: Message, context: Context) -> Message:
                                      planned=planned, config=config)
             except BudgetExhausted as exc:
                 return Message(Error(P.DECLINED_BUDGET, str(exc)), reply_to=msg)
-    from client.training import train as train_local
-
     # Only now, with the release committed to the ledger, does training on the records start.
     result = train_local(model, data.train, config, noise_multiplier=sigma,
                          seed=_seed(config, msg, context, server_round))

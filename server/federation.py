@@ -7,6 +7,7 @@ is written to ``metrics.jsonl`` and shown on the console as soon as it ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -105,7 +106,13 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     training = push_training(first_round, arrays)
     previous: _Trained | None = None  # trained, its evaluation still out
     for server_round in range(first_round, config.rounds + 1):
-        updates, declined, lost = _receive(grid, training)
+        try:
+            updates, declined, lost = _receive(grid, training)
+        except FedrnnError:
+            if previous is not None:  # every site failed this round: keep the last one
+                with contextlib.suppress(FedrnnError):
+                    _finish_round(grid, strategy, record, config, previous, started)
+            raise
         trainers = training.partitions
         # replies arrive in any order; summed in partition order, a seeded run repeats bit
         # for bit

@@ -305,10 +305,11 @@ def _per_sample_ratio(first: _Backward, d_out: torch.Tensor, d_hn: torch.Tensor,
         scale = ratio.view(1, -1, 1) if old.dim() == 3 else ratio[:, None]
         gap = torch.addcmul(new, old, scale, value=-1, out=_scratch(new, *new.shape))
         residual += torch.linalg.vector_norm(gap) ** 2
-    # ||new||^2 is the rescaled part's plus the residual's (orthogonal to it): no extra pass.
-    # Float32 rounding of a rescaled gradient is about 1e-7 of it; anything else fails.
-    total = (ratio * ratio * norm2).sum() + residual
-    if residual > (1e-5 ** 2) * total:
+    # ||new||^2 is the rescaled part's (dot r) plus the residual's, orthogonal to it: no
+    # extra pass. Float32 rounding of a rescaled gradient is about 1e-7 of it; anything
+    # else fails, NaN and overflow included.
+    total = (dot * ratio).sum() + residual
+    if not residual <= (1e-5 ** 2) * total:
         return None
     return ratio
 
@@ -820,13 +821,22 @@ class _AfterImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path, target=None):
         if fullname != self.name:
             return None
-        sys.meta_path.remove(self)  # the real finders locate the package
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
+        for finder in sys.meta_path:  # the real finders locate the package
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        else:
+            return None
+        # The hook stays until the package has actually run: a mere look-up (an
+        # ``importlib.util.find_spec`` availability check) discards this spec.
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
             execute = spec.loader.exec_module
 
             def exec_module(module) -> None:
                 execute(module)
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 self.then()
 
             spec.loader.exec_module = exec_module  # this spec's own loader instance

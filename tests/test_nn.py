@@ -368,15 +368,20 @@ def test_frozen_weights_get_no_gradient_and_inputs_changed_in_place_are_an_error
         out.sum().backward()
 
 
-@pytest.mark.parametrize("first", ["shared.nn", "opacus.grad_sample.utils"])
+@pytest.mark.parametrize("first", ["shared.nn", "opacus.grad_sample.utils", "probe"])
 def test_the_layers_register_with_opacus_whichever_is_imported_first(first):
     # Importing the layers does not import Opacus (the server only holds weights); they
-    # are registered as soon as Opacus is imported, by any of its modules.
+    # are registered as soon as Opacus is imported, by any of its modules, also after an
+    # availability check has looked Opacus up without importing it.
+    probe = first == "probe"
+    first = "shared.nn" if probe else first
     other = "opacus" if first == "shared.nn" else "shared.nn"
     code = f"""
-import sys
+import importlib.util, sys
 import {first}
 assert ("opacus" in sys.modules) == {first.startswith("opacus")}
+if {probe}:
+    assert importlib.util.find_spec("opacus") is not None and "opacus" not in sys.modules
 import {other}
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (

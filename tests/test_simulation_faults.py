@@ -114,3 +114,40 @@ def test_evaluation_and_the_next_training_are_in_flight_together(tmp_path, monke
         first_reply = events.index(("replied", ("evaluate", server_round)))
         assert events.index(("sent", ("evaluate", server_round))) < next_training < first_reply
     assert ("sent", ("train", 4)) not in events  # none beyond the last round
+
+
+def test_a_round_every_site_fails_keeps_the_round_before_it(tmp_path, monkeypatch):
+    # A round's row and checkpoint are written once the next round's training replies are
+    # in (server/federation.py); when every site then fails, the run stops with an error
+    # and the round before it is still recorded, so a restart resumes after it.
+    from flwr.app import Error, Message
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from server import checkpoint
+    from shared import protocol as P
+
+    sent = {}
+    push, pull = InMemoryGrid.push_messages, InMemoryGrid.pull_messages
+
+    def recording_push(self, messages):
+        messages = list(messages)
+        ids = list(push(self, messages))
+        sent.update(zip(ids, messages, strict=True))
+        return ids
+
+    def failing_pull(self, message_ids):
+        replies = []
+        for reply in pull(self, message_ids):
+            original = sent[reply.metadata.reply_to_message_id]
+            if (original.metadata.message_type == "train"
+                    and int(original.content[P.CONFIG][P.ROUND]) == 2):
+                reply = Message(Error(code=0, reason="injected failure"), reply_to=original)
+            replies.append(reply)
+        return replies
+
+    monkeypatch.setattr(InMemoryGrid, "push_messages", recording_push)
+    monkeypatch.setattr(InMemoryGrid, "pull_messages", failing_pull)
+    out = tmp_path / "run"
+    assert main([*COMMON, "--rounds", "3", "--out", str(out)]) != 0
+    assert [row["round"] for row in _rows(out)] == [1]
+    assert checkpoint.load(out).server_round == 1
