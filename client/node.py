@@ -241,18 +241,29 @@ def _serve(port: int, supernode: subprocess.Popen) -> None:
                 time.sleep(POLL_SECONDS)
                 continue
             if response.HasField("task") and response.token:
-                run_task(runtime_address, response.token)
+                try:
+                    run_task(runtime_address, response.token, supernode)
+                except Exception:
+                    if supernode.poll() is None:
+                        raise
+                    # The server went away during the task and the SuperNode with it: the
+                    # task cannot be finished; the site reconnects (``run_site``).
+                    log.warning("the connection ended during a task; it is dropped")
+                    return
             else:
                 time.sleep(POLL_SECONDS)
     finally:
         runtime.close()
 
 
-def run_task(runtime_address: str, token: str) -> None:
+def run_task(runtime_address: str, token: str, supernode: subprocess.Popen) -> None:
     """Run one claimed task (one message) through fedrnn's ClientApp, in this process.
 
     Mirrors ``flwr.supernode.runtime.run_clientapp`` minus its per-process parts (FAB
-    install, dependency install, ``sys.exit``): the app is the installed fedrnn.
+    install, dependency install, ``sys.exit``): the app is the installed fedrnn. Calls to
+    the SuperNode are retried as Flower retries them, except once ``supernode`` has exited
+    (the server went away): Flower's invoker would retry that dead address forever, and
+    the site would never reconnect.
     """
     from flwr.app import Message
     from flwr.app.error import Error
@@ -272,11 +283,15 @@ def run_task(runtime_address: str, token: str) -> None:
 
     from client.app import app as client_app
 
+    retry = make_simple_http_retry_invoker()
+    flowers_rule = retry.should_giveup
+    retry.should_giveup = lambda exc: (supernode.poll() is not None
+                                       or bool(flowers_rule and flowers_rule(exc)))
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                       RuntimeTokenHttpInterceptor(token)],
-        retry_invoker=make_simple_http_retry_invoker())
+        retry_invoker=retry)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     context = None
@@ -301,6 +316,9 @@ def run_task(runtime_address: str, token: str) -> None:
                      time.monotonic() - started)
         push_message(client, reply, context)
     finally:
-        push_task_output(client=client, context=context, sub_status=status, details=details)
-        heartbeat.stop()
-        client.close()
+        try:
+            push_task_output(client=client, context=context, sub_status=status,
+                             details=details)
+        finally:
+            heartbeat.stop()
+            client.close()

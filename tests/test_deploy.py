@@ -274,3 +274,27 @@ def test_killed_client_and_killed_server_resume(deployment):
     assert (out / "summary.json").exists()
     spent = _charges(tmp / "site-2.sqlite")
     assert spent[:len(charged)] == charged and len(spent) > len(charged)
+
+
+def test_a_task_whose_supernode_is_gone_ends_instead_of_retrying_forever():
+    # The server died during a task and took the site's SuperNode with it: Flower's retry
+    # invoker would retry the SuperNode's dead address forever and the site would never
+    # reconnect (seen as a restarted server waiting for its third site).
+    import threading
+
+    from client.node import run_task
+
+    supernode = subprocess.Popen([sys.executable, "-c", "pass"])
+    supernode.wait()
+    outcome = []
+
+    def task() -> None:
+        try:
+            run_task(f"127.0.0.1:{_free_port()}", "token", supernode)
+        except Exception as exc:  # noqa: BLE001  the dead address's error
+            outcome.append(exc)
+
+    thread = threading.Thread(target=task, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and outcome
