@@ -141,7 +141,7 @@ class _Recurrent(nn.Module):
                 result = _Sweep.apply(layer_input, h0[index],
                                       c0[index] if c0 is not None else None, *weights,
                                       self.mode, self.nonlinearity, bool(direction), mask,
-                                      record, names)
+                                      record, names, torch.is_grad_enabled())
                 outputs.append(result[0])
                 h_n.append(result[1])
                 if self.mode == "LSTM":
@@ -194,33 +194,39 @@ class _Sweep(torch.autograd.Function):
     """One layer in one direction over the whole sequence, time-major, as one autograd node.
 
     Inputs: x [T, B, I], h0/c0 [B, H], torch's four weights, the cell, the direction, an
-    optional mask [T, B, 1] of valid steps, and the layer's ``_Pass`` (or None).
+    optional mask [T, B, 1] of valid steps, the layer's ``_Pass`` (or None), its parameter
+    names, and whether grad mode was on (a backward pass may follow).
     Outputs: the output sequence [T, B, H], h_n, and c_n for the LSTM.
     """
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, mode, nonlinearity, reverse, mask,
-                record, names):
+                record, names, differentiable):
         steps, batch = x.shape[0], x.shape[1]
         hidden = w_hh.shape[1]
         given = x
         x = x.contiguous()
-        bias = _input_bias(mode, b_ih, b_hh, hidden)
-        flat = x.reshape(steps * batch, x.shape[2])
-        gi = _scratch(x, steps * batch, w_ih.shape[0])
-        if bias is not None:
-            torch.addmm(bias, flat, w_ih.t(), out=gi)
-        else:
-            torch.mm(flat, w_ih.t(), out=gi)
-        gi = gi.view(steps, batch, w_ih.shape[0])
         # states[k]: the state before the k-th step in time order (forward) or after it
         # (reverse); both directions read h_{t-1} from ``states[prev]`` and write ``[next]``.
         states = _scratch(x, steps + 1, batch, hidden)
         first = steps if reverse else 0
         states[first] = h0
         order = range(steps - 1, -1, -1) if reverse else range(steps)
-        saved = _FORWARD[mode](gi, states, first, c0, w_hh, b_hh, order, reverse, mask,
-                               nonlinearity)
+        saved = None
+        if mode == "LSTM" and not reverse and mask is None:
+            saved = _lstm_forward_onednn(x, states, c0, w_ih, w_hh, b_ih, b_hh,
+                                         train=differentiable and any(ctx.needs_input_grad[:7]))
+        if saved is None:
+            bias = _input_bias(mode, b_ih, b_hh, hidden)
+            flat = x.reshape(steps * batch, x.shape[2])
+            gi = _scratch(x, steps * batch, w_ih.shape[0])
+            if bias is not None:
+                torch.addmm(bias, flat, w_ih.t(), out=gi)
+            else:
+                torch.mm(flat, w_ih.t(), out=gi)
+            gi = gi.view(steps, batch, w_ih.shape[0])
+            saved = _FORWARD[mode](gi, states, first, c0, w_hh, b_hh, order, reverse, mask,
+                                   nonlinearity)
         last = 0 if reverse else steps
         out = _after(states, reverse)
         if mask is not None:
@@ -234,8 +240,7 @@ class _Sweep(torch.autograd.Function):
         ctx.x, ctx.states, ctx.has_c = x.detach(), states, c0 is not None
         ctx.save_for_backward(given, w_ih, w_hh, b_ih, b_hh)
         if mode == "LSTM":
-            cells = saved["cells"]
-            return out, states[last], cells[last]
+            return out, states[last], saved["cells"][last]
         return out, states[last]
 
     @staticmethod
@@ -270,7 +275,7 @@ class _Sweep(torch.autograd.Function):
         ctx.first = _Backward(d_out, d_hn, d_cn, d_gi, d_gh, d_x, d_h0, d_c0, sequence)
         return (d_x, d_h0 if ctx.needs_input_grad[1] else None,
                 d_c0 if ctx.has_c and ctx.needs_input_grad[2] else None, *grads,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 @dataclass
@@ -347,7 +352,7 @@ def _replay(ctx, first: _Backward, ratio: torch.Tensor, x, h_prev, has_bias: boo
     d_x = _rescaled(first.d_x, per_step) if wanted[0] and first.d_x is not None else None
     d_h0 = first.d_h0 * per_row if wanted[1] else None
     d_c0 = first.d_c0 * per_row if ctx.has_c and wanted[2] else None
-    return (d_x, d_h0, d_c0, *grads, None, None, None, None, None, None)
+    return (d_x, d_h0, d_c0, *grads, None, None, None, None, None, None, None)
 
 
 def _input_bias(mode: str, b_ih, b_hh, hidden: int):
@@ -497,6 +502,71 @@ def _lstm_forward(gi, states, first, c0, w_hh, b_hh, order, reverse, mask, nonli
             _mask_state(states, prev, nxt, mask[t])
             _mask_state(cells, prev, nxt, mask[t])
     return {"acts": gi, "cells": cells, "tanh_c": tanh_c}
+
+
+# oneDNN's LSTM primitive, as torch's own nn.LSTM runs it on the CPU (``mkldnn_rnn_layer``).
+# Its workspace starts with every step's activated gates, one row of ``_onednn_ld(4H)``
+# floats per (step, sample); layers whose layout does not check out are not asked again.
+_ONEDNN_REFUSED: set[tuple] = set()
+_ONEDNN_LSTM = 2  # ideep::rnn_kind::LSTM
+
+
+def _onednn_ld(width: int) -> int:
+    """oneDNN's padded row length for ``width`` floats: 64-byte multiples, never a multiple
+    of 1 KB (its guard against 4K aliasing)."""
+    ld = -(-width // 16) * 16
+    return ld + 16 if ld % 256 == 0 else ld
+
+
+def _lstm_forward_onednn(x, states, c0, w_ih, w_hh, b_ih, b_hh, *, train: bool
+                         ) -> dict | None:
+    """The forward direction of an unmasked LSTM layer by oneDNN's fused primitive, and
+    (``train``) from its workspace what ``_lstm_backward`` needs. None if oneDNN is
+    unavailable or its workspace is not laid out as expected (checked on every training
+    call, from the last step's cell and output)."""
+    steps, batch = x.shape[0], x.shape[1]
+    hidden = w_hh.shape[1]
+    gates = 4 * hidden
+    key = (x.dtype, x.shape[2], hidden)
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or key in _ONEDNN_REFUSED
+            or not torch.backends.mkldnn.is_available() or not torch._C._get_mkldnn_enabled()
+            or steps == 0 or batch == 0):
+        return None
+    if b_ih is None:
+        b_ih = b_hh = w_hh.new_zeros(gates)
+    c0 = states.new_zeros(batch, hidden) if c0 is None else c0
+    weights = [w.detach().contiguous() for w in (w_ih, w_hh, b_ih, b_hh)]
+    with torch.enable_grad():  # the op leaves its workspace out in no-grad mode
+        y, _h_n, c_n, workspace = torch.ops.aten.mkldnn_rnn_layer(
+            x.detach(), *weights, states[0][None], c0[None].detach().contiguous(), False, [],
+            _ONEDNN_LSTM, hidden, 1, True, False, False, train)
+    states[1:] = y
+    if not train:
+        cells = c_n.new_empty(steps + 1, batch, hidden)  # only the last is read
+        cells[steps] = c_n[0]
+        return {"cells": cells}
+    ld = _onednn_ld(gates)
+    floats = workspace.view(torch.float32) if workspace.numel() % 4 == 0 else None
+    if floats is None or floats.numel() < steps * batch * ld:
+        _ONEDNN_REFUSED.add(key)
+        return None
+    acts = floats[: steps * batch * ld].view(steps, batch, ld)[..., :gates]
+    # The cell states, which the workspace keeps only in an undocumented place:
+    # c_t = f_t c_{t-1} + i_t g_t, a few elementwise kernels per step.
+    cells = _scratch(x, steps + 1, batch, hidden)
+    cells[0] = c0
+    i, f, g, o = acts.view(steps, batch, 4, hidden).unbind(2)
+    torch.mul(i, g, out=cells[1:])
+    c_rows, f_rows = cells.unbind(0), f.unbind(0)
+    for t in range(steps):
+        c_rows[t + 1].addcmul_(f_rows[t], c_rows[t])
+    tanh_c = torch.tanh(cells[1:], out=_scratch(x, steps, batch, hidden))
+    # The layout check: the last step's cell and output as oneDNN made them.
+    if not (torch.allclose(cells[steps], c_n[0], rtol=1e-4, atol=1e-5, equal_nan=True)
+            and torch.allclose(o[-1] * tanh_c[-1], y[-1], rtol=1e-4, atol=1e-5, equal_nan=True)):
+        _ONEDNN_REFUSED.add(key)
+        return None
+    return {"acts": acts, "cells": cells, "tanh_c": tanh_c}
 
 
 def _lstm_backward(saved, states, d_out, d_hn, d_cn, w_hh, order, reverse, mask, _nl):

@@ -15,6 +15,14 @@ from shared import nn as dpnn
 MODES = ("LSTM", "GRU", "RNN")
 
 
+@pytest.fixture(params=["onednn", "own-loop"])
+def lstm_forward(request):
+    """Both ways the LSTM's forward direction runs: oneDNN's fused primitive (as torch's own
+    layer on the CPU) and shared.nn's own loop (oneDNN off, for torch's reference too)."""
+    with torch.backends.mkldnn.flags(enabled=request.param == "onednn"):
+        yield request.param
+
+
 def _pair(mode, **kwargs):
     torch.manual_seed(0)
     ref = getattr(nn, mode)(5, 7, **kwargs)
@@ -32,7 +40,7 @@ def _close(a, b):
 @pytest.mark.parametrize("mode,layers,batch_first,bidirectional,bias", list(itertools.product(
     MODES, [1, 2], [True, False], [False, True], [True, False])))
 def test_same_outputs_states_and_state_dict_as_torch(mode, layers, batch_first, bidirectional,
-                                                     bias):
+                                                     bias, lstm_forward):
     ref, mine = _pair(mode, num_layers=layers, batch_first=batch_first,
                       bidirectional=bidirectional, bias=bias, dropout=0.3 if layers > 1 else 0)
     assert list(mine.state_dict()) == list(ref.state_dict())
@@ -88,7 +96,7 @@ class _Head(nn.Module):
 @pytest.mark.parametrize("mode,layers,batch_first,bidirectional", list(itertools.product(
     MODES, [1, 2], [True, False], [False, True])))
 def test_per_sample_gradients_equal_a_per_example_loop(mode, layers, batch_first,
-                                                       bidirectional):
+                                                       bidirectional, lstm_forward):
     torch.manual_seed(1)
     model = _Head(mode, layers, batch_first, bidirectional)
     reference = _Head(mode, layers, batch_first, bidirectional)
@@ -110,7 +118,7 @@ def test_per_sample_gradients_equal_a_per_example_loop(mode, layers, batch_first
 
 @pytest.mark.parametrize("mode,layers,batch_first,bidirectional,bias", list(itertools.product(
     MODES, [1, 2], [True, False], [False, True], [True, False])))
-def test_gradients_equal_torchs(mode, layers, batch_first, bidirectional, bias):
+def test_gradients_equal_torchs(mode, layers, batch_first, bidirectional, bias, lstm_forward):
     """The hand-written backward pass: weights, input and initial states, as torch's."""
     ref, mine = _pair(mode, num_layers=layers, batch_first=batch_first,
                       bidirectional=bidirectional, bias=bias)
@@ -135,6 +143,34 @@ def test_gradients_equal_torchs(mode, layers, batch_first, bidirectional, bias):
     for name, a, b in zip(["input", "h0", "c0"][: 3 if mode == "LSTM" else 2]
                           + [n for n, _ in mine.named_parameters()], *grads, strict=False):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+def test_the_lstm_runs_its_forward_direction_on_onednn_and_falls_back_on_a_surprise(
+        monkeypatch):
+    torch.manual_seed(0)
+    ref, mine = _pair("LSTM", num_layers=2)
+    x = torch.randn(6, 3, 5)
+    mine.train()
+    taken = []
+    real = dpnn._lstm_forward_onednn
+
+    def spy(*args, **kwargs):
+        saved = real(*args, **kwargs)
+        taken.append(saved is not None)
+        return saved
+
+    monkeypatch.setattr(dpnn, "_lstm_forward_onednn", spy)
+    out, _ = mine(x)
+    assert taken == [True, True]
+    # A workspace laid out otherwise than expected (here: a wrong row length) is detected,
+    # the layer is not asked again, and shared.nn's own loop gives the same result.
+    taken.clear()
+    monkeypatch.setattr(dpnn, "_onednn_ld", lambda width: width + 16)
+    monkeypatch.setattr(dpnn, "_ONEDNN_REFUSED", set())
+    again, _ = mine(x)
+    assert taken == [False, False] and len(dpnn._ONEDNN_REFUSED) == 2
+    assert torch.allclose(again, out, atol=1e-5) and torch.allclose(again, ref(x)[0], atol=1e-5)
 
 
 def _opacus_step(gsm, x, lengths):
