@@ -58,6 +58,18 @@ def test_workers_start_with_the_client_app_and_one_thread_each():
     assert states == [(True, True, True, 1)] * 2
 
 
+def test_workers_load_flowers_actor_without_flowers_simulation_server():
+    # The actor's package __init__ (LinkState, SQLAlchemy, Alembic: ~1 s of CPU a worker)
+    # waits until the package itself is asked for something, then behaves as imported.
+    code = ("import sys, simulations.worker_preload\n"
+            "assert 'flwr.simulation.ray_transport.ray_actor' in sys.modules\n"
+            "assert 'flwr.simulation.app' not in sys.modules\n"
+            "import flwr.simulation\n"
+            "from flwr.simulation import run_simulation\n"
+            "assert callable(run_simulation) and 'flwr.simulation.app' in sys.modules\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def test_the_driver_does_not_import_opacus():
     # The driver only hands the ClientApp to Flower and holds weights; Opacus (1.4 s of CPU)
     # would compete with the workers' start-up on a small machine.
