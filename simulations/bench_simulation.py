@@ -10,8 +10,9 @@ timed from spawn to exit, start-up included:
   ledger, training with DP-SGD from the current global weights, then a weighted mean;
   the same evaluations. One torch thread, the fastest for this model on 2 cores.
 
-``overhead_ratio = simulation_s / compute_s``. The breakdown says where the rest goes:
-start-up (imports, data, Ray and its workers) versus rounds.
+``overhead_ratio = simulation_s / compute_s``, of the median of ``repeats`` alternating
+pairs. The breakdown says where the rest goes: start-up (imports, data, Ray and its
+workers) versus rounds.
 """
 
 from __future__ import annotations
@@ -113,17 +114,29 @@ def plain_main() -> None:
                       "train_s": train_s, "eval_s": eval_s}))
 
 
-def bench_simulation(workload: dict[str, int] | None = None, *, progress=print) -> dict:
+def bench_simulation(workload: dict[str, int] | None = None, *, repeats: int = 3,
+                     progress=print) -> dict:
+    """``repeats`` alternating pairs (plain, then simulation); the pair with the median
+    ratio is reported, with every pair's ratio in ``ratios``. Alternating keeps a drift
+    of the machine's speed (10% to 50% over minutes on shared machines) from landing on
+    one side only."""
     workload = {**WORKLOAD, **(workload or {})}
+    pairs = []
     with tempfile.TemporaryDirectory(prefix="fedrnn-bench-") as tmp:
-        progress("plain process: the same client work, no framework")
-        plain = run_plain(workload, Path(tmp))
-        progress("simulation: fedrnn simulate on Flower's Simulation Engine")
-        simulation = run_simulation(workload, Path(tmp))
+        for i in range(repeats):
+            work = Path(tmp) / str(i)
+            progress(f"pair {i + 1}/{repeats}: plain process, the same client work, "
+                     "no framework")
+            plain = run_plain(workload, work)
+            progress(f"pair {i + 1}/{repeats}: fedrnn simulate on Flower's Simulation Engine")
+            simulation = run_simulation(workload, work)
+            pairs.append((simulation["total_s"] / plain["total_s"], simulation, plain))
+            progress(f"pair {i + 1}/{repeats}: ratio {pairs[-1][0]:.2f}")
+    ratio, simulation, plain = sorted(pairs, key=lambda pair: pair[0])[(len(pairs) - 1) // 2]
     return {"workload": workload, "cores": os.cpu_count(), "simulation": simulation,
             "plain": plain, "simulation_s": simulation["total_s"],
-            "compute_s": plain["total_s"],
-            "overhead_ratio": simulation["total_s"] / plain["total_s"]}
+            "compute_s": plain["total_s"], "overhead_ratio": ratio,
+            "ratios": [pair[0] for pair in pairs]}
 
 
 def format_report(result: dict) -> str:
@@ -138,14 +151,18 @@ def format_report(result: dict) -> str:
              f"{plain['train_s'] + plain['eval_s']:>10.1f}",
              f"{'  of which round 1':<34}{sim['first_round_s']:>12.1f}{'':>10}",
              f"{'total (process wall clock)':<34}{sim['total_s']:>12.1f}{plain['total_s']:>10.1f}",
-             f"overhead ratio (simulation / plain): {result['overhead_ratio']:.2f}"]
+             f"overhead ratio (simulation / plain): {result['overhead_ratio']:.2f} "
+             f"(median of {len(result['ratios'])} alternating pairs: "
+             + ", ".join(f"{r:.2f}" for r in result["ratios"]) + ")"]
     return "\n".join(lines)
 
 
-def main_bench_simulation(*, as_json: bool) -> None:
-    result = bench_simulation(progress=lambda m: print(f"fedrnn: bench: {m}", file=sys.stderr))
+def main_bench_simulation(*, as_json: bool, repeats: int = 3) -> None:
+    result = bench_simulation(repeats=repeats,
+                              progress=lambda m: print(f"fedrnn: bench: {m}", file=sys.stderr))
     if as_json:
-        print(json.dumps({k: result[k] for k in ("workload", "simulation", "plain")}))
+        print(json.dumps({k: result[k] for k in ("workload", "simulation", "plain",
+                                                  "ratios")}))
         print(json.dumps({k: result[k] for k in ("simulation_s", "compute_s",
                                                   "overhead_ratio")}))
     else:

@@ -74,8 +74,10 @@ def test_sweep_runs_every_variant_and_writes_the_table(tmp_path, capsys):
 def test_bench_simulation_reports_both_runs_and_their_ratio():
     result = bench_simulation({"dataset": "synthetic", "clients": 4, "clients-per-round": 2,
                                "eval-clients-per-round": 2, "rounds": 1,
-                               "hidden-size": 8}, progress=lambda _m: None)
+                               "hidden-size": 8}, repeats=2, progress=lambda _m: None)
     assert result["simulation_s"] > 0 and result["compute_s"] > 0
     assert result["overhead_ratio"] == pytest.approx(result["simulation_s"]
                                                      / result["compute_s"])
+    # the reported pair is the median one of the alternating pairs (lower median of two)
+    assert len(result["ratios"]) == 2 and result["overhead_ratio"] == min(result["ratios"])
     assert result["plain"]["train_s"] > 0 and result["simulation"]["rounds_s"] > 0
