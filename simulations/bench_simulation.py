@@ -120,6 +120,8 @@ def bench_simulation(workload: dict[str, int] | None = None, *, repeats: int = 3
     ratio is reported, with every pair's ratio in ``ratios``. Alternating keeps a drift
     of the machine's speed (10% to 50% over minutes on shared machines) from landing on
     one side only."""
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
     workload = {**WORKLOAD, **(workload or {})}
     pairs = []
     with tempfile.TemporaryDirectory(prefix="fedrnn-bench-") as tmp:

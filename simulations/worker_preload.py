@@ -9,12 +9,13 @@ The actor class lives in ``flwr.simulation.ray_transport.ray_actor``, and import
 (LinkState, its SQL object store, SQLAlchemy, Alembic): about 1 s of CPU per worker, spent
 while the machine's cores are all busy starting up, for code a ClientApp actor never runs.
 Here that package is registered without running its ``__init__`` until something asks
-it for an attribute (``_deferred_package``); its submodules import as usual.
+it for an attribute (``_DeferredPackage``).
 """
 
 import importlib.util
 import os
 import sys
+import threading
 
 from simulations.ray_setup import CPUS_PER_CLIENT
 
@@ -24,32 +25,52 @@ from simulations.ray_setup import CPUS_PER_CLIENT
 os.environ.setdefault("OMP_NUM_THREADS", str(CPUS_PER_CLIENT))
 
 
-def _deferred_package(name: str) -> None:
-    """Put package ``name`` in ``sys.modules`` with its ``__init__`` not yet run: importing
-    its submodules works as usual, and the first attribute looked up on the package itself
-    runs the ``__init__`` (so nothing that needs it can tell the difference)."""
-    if name in sys.modules:
-        return
+class _DeferredPackage:
+    """Package ``name`` in ``sys.modules`` with its ``__init__`` not yet run.
+
+    The ``__init__`` runs, once and under a lock (Flower's actor runs threads), the first
+    time anything asks the package for an attribute it lacks; until then its submodules
+    import as usual. If the ``__init__`` fails, the package leaves ``sys.modules`` and the
+    error is raised, as from a failed import. One difference remains: a submodule imported
+    before that first look-up keeps its module as the package's attribute of that name,
+    where the ``__init__`` would have bound something else (Flower's binds the function
+    ``run_simulation`` over its submodule). A worker imports only ``ray_transport``.
+    """
+
+    def __init__(self, spec) -> None:
+        self.spec, self.lock, self.done = spec, threading.RLock(), False
+        self.package = importlib.util.module_from_spec(spec)
+        self.package.__dict__["__getattr__"] = self._getattr
+        sys.modules[spec.name] = self.package
+        parent, _, child = spec.name.rpartition(".")
+        setattr(sys.modules[parent], child, self.package)
+
+    def _getattr(self, attribute: str):
+        with self.lock:  # another thread's look-up waits here for the __init__ to finish
+            if not self.done:
+                self.done = True  # look-ups the __init__ itself makes fail as usual
+                try:
+                    self.spec.loader.exec_module(self.package)
+                except BaseException:
+                    sys.modules.pop(self.spec.name, None)
+                    raise
+                finally:
+                    self.package.__dict__.pop("__getattr__", None)
+        if attribute in self.package.__dict__:
+            return self.package.__dict__[attribute]
+        raise AttributeError(f"module {self.spec.name!r} has no attribute {attribute!r}")
+
+
+def _defer(name: str) -> None:
     spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None or not spec.submodule_search_locations:
-        return
-    package = importlib.util.module_from_spec(spec)
-
-    def __getattr__(attribute: str):  # noqa: N807 (module-level __getattr__, PEP 562)
-        del package.__dict__["__getattr__"]
-        spec.loader.exec_module(package)
-        return getattr(package, attribute)
-
-    package.__dict__["__getattr__"] = __getattr__
-    sys.modules[name] = package
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, package)
+    if name not in sys.modules and spec is not None and spec.loader is not None \
+            and spec.submodule_search_locations:
+        _DeferredPackage(spec)
 
 
 import flwr  # noqa: E402
 
-_deferred_package("flwr.simulation")
+_defer("flwr.simulation")
 
 import flwr.simulation.ray_transport.ray_actor  # noqa: E402, F401
 

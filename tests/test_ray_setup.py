@@ -64,9 +64,13 @@ def test_workers_load_flowers_actor_without_flowers_simulation_server():
     code = ("import sys, simulations.worker_preload\n"
             "assert 'flwr.simulation.ray_transport.ray_actor' in sys.modules\n"
             "assert 'flwr.simulation.app' not in sys.modules\n"
-            "import flwr.simulation\n"
-            "from flwr.simulation import run_simulation\n"
-            "assert callable(run_simulation) and 'flwr.simulation.app' in sys.modules\n")
+            "import threading, flwr.simulation as fs\n"
+            "found = []\n"  # two threads at once: the second waits for the first's __init__
+            "def look(): found.append(callable(fs.run_simulation))\n"
+            "threads = [threading.Thread(target=look) for _ in range(2)]\n"
+            "[t.start() for t in threads]; [t.join() for t in threads]\n"
+            "assert found == [True, True] and 'flwr.simulation.app' in sys.modules\n"
+            "assert not hasattr(fs, 'no_such_name')\n")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
