@@ -520,8 +520,8 @@ def _lstm_forward(gi, states, first, c0, w_hh, b_hh, order, reverse, mask, nonli
 
 # oneDNN's LSTM primitive, as torch's own nn.LSTM runs it on the CPU (``mkldnn_rnn_layer``).
 # Its workspace starts with every step's activated gates, one row of ``_onednn_ld(4H)``
-# floats per (step, sample); layers whose layout does not check out are not asked again.
-_ONEDNN_REFUSED: set[tuple] = set()
+# floats per (step, sample); hidden sizes whose layout does not check out are not asked again.
+_ONEDNN_REFUSED: set[int] = set()
 _ONEDNN_LSTM = 2  # ideep::rnn_kind::LSTM
 
 
@@ -541,28 +541,24 @@ def _lstm_forward_onednn(x, states, c0, w_ih, w_hh, b_ih, b_hh, *, train: bool
     steps, batch = x.shape[0], x.shape[1]
     hidden = w_hh.shape[1]
     gates = 4 * hidden
-    key = (x.dtype, x.shape[2], hidden)
-    if (x.dtype != torch.float32 or x.device.type != "cpu" or key in _ONEDNN_REFUSED
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or hidden in _ONEDNN_REFUSED
             or not torch.backends.mkldnn.is_available() or not torch._C._get_mkldnn_enabled()
             or steps == 0 or batch == 0):
         return None
     if b_ih is None:
         b_ih = b_hh = w_hh.new_zeros(gates)
-    c0 = states.new_zeros(batch, hidden) if c0 is None else c0
     weights = [w.detach().contiguous() for w in (w_ih, w_hh, b_ih, b_hh)]
     with torch.enable_grad():  # the op leaves its workspace out in no-grad mode
         y, _h_n, c_n, workspace = torch.ops.aten.mkldnn_rnn_layer(
             x.detach(), *weights, states[0][None], c0[None].detach().contiguous(), False, [],
             _ONEDNN_LSTM, hidden, 1, True, False, False, train)
     states[1:] = y
-    if not train:
-        cells = c_n.new_empty(steps + 1, batch, hidden)  # only the last is read
-        cells[steps] = c_n[0]
-        return {"cells": cells}
+    if not train:  # no backward pass: only the last cell state is read
+        return {"cells": c_n.expand(steps + 1, batch, hidden)}
     ld = _onednn_ld(gates)
     floats = workspace.view(torch.float32) if workspace.numel() % 4 == 0 else None
     if floats is None or floats.numel() < steps * batch * ld:
-        _ONEDNN_REFUSED.add(key)
+        _ONEDNN_REFUSED.add(hidden)
         return None
     acts = floats[: steps * batch * ld].view(steps, batch, ld)[..., :gates]
     # The cell states, which the workspace keeps only in an undocumented place:
@@ -578,7 +574,7 @@ def _lstm_forward_onednn(x, states, c0, w_ih, w_hh, b_ih, b_hh, *, train: bool
     # The layout check: the last step's cell and output as oneDNN made them.
     if not (torch.allclose(cells[steps], c_n[0], rtol=1e-4, atol=1e-5, equal_nan=True)
             and torch.allclose(o[-1] * tanh_c[-1], y[-1], rtol=1e-4, atol=1e-5, equal_nan=True)):
-        _ONEDNN_REFUSED.add(key)
+        _ONEDNN_REFUSED.add(hidden)
         return None
     return {"acts": acts, "cells": cells, "tanh_c": tanh_c}
 

@@ -20,3 +20,5 @@ def test_bench_dp_step_json_schema(capsys):
 def test_bench_rejects_bad_sizes(capsys):
     assert main(["bench", "dp-step", "--batch", "0"]) == 2
     assert "--batch must be at least 1" in capsys.readouterr().err
+    assert main(["bench", "simulation", "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
