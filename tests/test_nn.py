@@ -81,12 +81,12 @@ def test_padded_batches_equal_sequences_run_alone(mode, bidirectional):
 
 
 class _Head(nn.Module):
-    def __init__(self, mode, layers, batch_first, bidirectional):
+    def __init__(self, mode, layers, batch_first, bidirectional, hidden=6):
         super().__init__()
         self.batch_first = batch_first
-        self.rnn = getattr(dpnn, mode)(4, 6, num_layers=layers, batch_first=batch_first,
+        self.rnn = getattr(dpnn, mode)(4, hidden, num_layers=layers, batch_first=batch_first,
                                        bidirectional=bidirectional)
-        self.head = nn.Linear(12 if bidirectional else 6, 1)
+        self.head = nn.Linear(2 * hidden if bidirectional else hidden, 1)
 
     def forward(self, x, lengths):
         out, _ = self.rnn(x, lengths=lengths)  # time-first stays time-first, as Opacus
@@ -256,12 +256,15 @@ def _private_step(mode, model, x, lengths, clip):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("clip", [1e-3, 1e3])  # every sample clipped / none
-def test_ghost_clipping_applies_the_same_clipped_gradient_as_per_sample_clipping(mode, clip):
+# per-sample norms from per-sample gradients (hidden 6) or from Gram matrices (16)
+@pytest.mark.parametrize("hidden", [6, 16])
+def test_ghost_clipping_applies_the_same_clipped_gradient_as_per_sample_clipping(mode, clip,
+                                                                                hidden):
     torch.manual_seed(4)
     x = torch.randn(5, 7, 4)
     lengths = torch.tensor([7, 3, 5, 1, 6])
-    hooks = _Head(mode, 2, True, True)
-    ghost = _Head(mode, 2, True, True)
+    hooks = _Head(mode, 2, True, True, hidden)
+    ghost = _Head(mode, 2, True, True, hidden)
     ghost.load_state_dict(hooks.state_dict())
     expected = _private_step("hooks", hooks, x, lengths, clip)
     got = _private_step("ghost", ghost, x, lengths, clip)
