@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import fields
@@ -233,10 +234,11 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     if (args.noise_multiplier is None) == (args.target_epsilon is None):
         raise ConfigError("give exactly one of --noise-multiplier (to get epsilon) or "
                           "--target-epsilon (to get the noise multiplier)")
-    if args.noise_multiplier is not None and args.noise_multiplier <= 0:
-        raise ConfigError("--noise-multiplier must be positive")
-    if args.target_epsilon is not None and args.target_epsilon <= 0:
-        raise ConfigError("--target-epsilon must be positive")
+    # written so that NaN fails too (every comparison with NaN is false)
+    if args.noise_multiplier is not None and not 0 < args.noise_multiplier < math.inf:
+        raise ConfigError("--noise-multiplier must be a positive number")
+    if args.target_epsilon is not None and not 0 < args.target_epsilon < math.inf:
+        raise ConfigError("--target-epsilon must be a positive number")
     sigma = args.noise_multiplier
     if sigma is None:
         sigma = calibrate_noise(target_epsilon=args.target_epsilon, delta=args.delta,

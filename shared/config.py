@@ -124,15 +124,17 @@ class RunConfig:
                 problems.append("epsilon must be positive (use --no-dp for no privacy)")
             if not (0 < self.delta < 1):
                 problems.append("delta must be in (0, 1)")
-            if self.clip_norm <= 0:
-                problems.append("clip-norm must be positive")
-            if self.noise_multiplier < 0:
-                problems.append("noise-multiplier must be 0 (calibrate) or positive")
+            # an infinite clip bounds nothing: the ledger would charge an epsilon that the
+            # update does not have
+            if not 0 < self.clip_norm < math.inf:
+                problems.append("clip-norm must be a positive number")
+            if not 0 <= self.noise_multiplier < math.inf:
+                problems.append("noise-multiplier must be 0 (calibrate) or a positive number")
         if self.budget_epsilon < 0 or not (0 <= self.budget_delta < 1):
             problems.append("budget-epsilon must be >= 0 and budget-delta in [0, 1)")
-        if self.dp_level in ("user", "both") and (self.user_noise_multiplier <= 0
-                                                  or self.user_clip_norm <= 0):
-            problems.append("user-noise-multiplier and user-clip-norm must be positive")
+        if self.dp_level in ("user", "both") and not (
+                0 < self.user_noise_multiplier < math.inf and 0 < self.user_clip_norm < math.inf):
+            problems.append("user-noise-multiplier and user-clip-norm must be positive numbers")
         if not self.round_timeout >= 0:
             problems.append("round-timeout must be >= 0")
         if not (0 < self.eval_fraction < 1):

@@ -55,6 +55,10 @@ def test_budget_solves_for_noise(capsys, rdp_reference):
     (["--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5"], "exactly one of"),
     (["--sample-rate", "2", "--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"],
      "sample-rate"),
+    # not a number, or no bound at all: refused, not answered (inf and NaN ran to a
+    # made-up noise multiplier of 10, or into Opacus's endless series)
+    *[(["--sample-rate", "0.1", flag, value, "--steps", "10", "--delta", "1e-5"], flag)
+      for flag in ("--noise-multiplier", "--target-epsilon") for value in ("inf", "nan")],
 ])
 def test_budget_bad_flags(capsys, args, message):
     assert main(["budget", *args]) == 2

@@ -29,6 +29,15 @@ def test_unknown_key_and_bad_values_are_config_errors():
         RunConfig.from_flat({"lr": "nan"})
 
 
+@pytest.mark.parametrize("key", ["clip-norm", "noise-multiplier", "user-clip-norm",
+                                 "user-noise-multiplier"])
+def test_an_infinite_clip_or_noise_is_refused(key):
+    """An infinite clip bounds no record's influence (the ledger would charge an epsilon the
+    update does not have); infinite noise leaves no model."""
+    with pytest.raises(ConfigError, match=f"{key}.* must be"):
+        RunConfig.from_flat({key: "inf", "dp-level": "both"})
+
+
 def test_flags_override_file_which_overrides_defaults(tmp_path):
     file = tmp_path / "exp.toml"
     file.write_text('rounds = 7\nmodel = "lstm"\nepsilon = 3.0\n')
