@@ -70,7 +70,7 @@ def test_stragglers_past_the_round_timeout_are_left_out(tmp_path):
     out = tmp_path / "late"
     # the timeout leaves room for the first round's cold start (worker imports, calibration)
     assert main([*COMMON, "--rounds", "1", "--seed", str(seed), "--straggler-rate", "0.3",
-                 "--straggler-delay", "40", "--round-timeout", "15", "--out", str(out)]) == 0
+                 "--straggler-delay", "20", "--round-timeout", "15", "--out", str(out)]) == 0
     row = _rows(out)[0]
     assert len(row["timed_out"]) == 1 and row["clients"] == 2 and row["dropped"] == 1
     assert row["dropped_ids"] == row["timed_out"]
