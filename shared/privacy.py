@@ -171,10 +171,10 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
                     accountant: str = "rdp") -> float:
     """Smallest noise multiplier whose ``steps`` releases at ``sample_rate`` stay within
     ``(target_epsilon, delta)`` (Opacus's search, tolerance 0.01 in epsilon)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
     if accountant == "rdp":
         return _calibrate_rdp(target_epsilon, delta, sample_rate, steps)
+    from opacus.accountants.utils import get_noise_multiplier
+
     with _quiet(accountant):
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                           sample_rate=sample_rate, steps=steps,

@@ -82,7 +82,7 @@ def test_bench_simulation_reports_both_runs_and_their_ratio():
     assert result["plain"]["train_s"] > 0 and result["simulation"]["rounds_s"] > 0
 
 
-def test_bench_simulation_alternates_and_reports_the_median_pair(monkeypatch, tmp_path):
+def test_bench_simulation_alternates_and_reports_the_median_pair(monkeypatch):
     """Pairs run plain first, then simulated; the median pair is reported (the lower one
     of an even count). The two runners are replaced by canned timings: what is tested is
     the order and the choice, which the test above cannot see in one pair."""
