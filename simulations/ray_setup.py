@@ -6,11 +6,13 @@ the simulation seconds that the same client work in a plain process never pays:
 - a Ray worker imports torch, Opacus and Flower (about 2.7 s) only when Flower's first
   message reaches it, so round 1 waited for it. Here every worker imports them as it
   starts (Ray's ``preload_python_modules``), while the driver reads the data;
-- Ray's shutdown gives each of its processes a second to exit on SIGTERM, in turn; the
-  autoscaler's monitor never takes it, so every run ended with a one-second wait. The
-  monitor has nothing to do on a single machine: ``stop_ray`` kills it first;
 - Flower's backend starts Ray with a ``runtime_env``, which stops Ray from pre-starting
-  its workers; ``start_ray`` starts it without one (same PYTHONPATH, by environment).
+  its workers; ``start_ray`` starts it without one (same PYTHONPATH, by environment);
+- a head node starts the autoscaler's monitor and a log monitor, two Python processes
+  whose imports (about 1 CPU-s each) compete with the driver's and hold back the raylet,
+  which starts after them: ``ray.init`` returned 1 to 2 s sooner without them (standalone,
+  four alternating runs). The monitor has nothing to scale on one machine; the log
+  monitor only streams the workers' output to a driver that asked for it (``--verbose``).
 
 Nothing here imports torch: Ray should start before the driver's own imports.
 """
@@ -56,22 +58,11 @@ def start_ray(*, verbose: bool) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     # Ray reads its settings from RAY_<name> in the environment of the processes it starts;
     # scoped to this call so that nothing else this process starts later inherits it.
-    with _environ(RAY_preload_python_modules=WORKER_PRELOAD):
+    with _environ(RAY_preload_python_modules=WORKER_PRELOAD), \
+            _head_processes(monitor=False, log_monitor=verbose):
         # address "local": a fresh instance, even if `ray start` left a cluster here
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
                  **quiet)
-
-
-def stop_autoscaler_monitor() -> None:
-    """Kill the local instance's autoscaler monitor, which ``ray.shutdown`` would SIGTERM
-    and then wait a full second for before killing it anyway. A single machine has nothing
-    to autoscale; joined to a cluster (``RAY_ADDRESS``) this process started no monitor
-    and this does nothing."""
-    node = getattr(ray._private.worker, "_global_node", None)
-    kill = getattr(node, "kill_monitor", None)
-    if kill is not None:
-        with contextlib.suppress(Exception):  # already gone, or Ray changed: shutdown copes
-            kill(check_alive=False)
 
 
 def stop_ray(*, for_exit: bool = False) -> None:
@@ -86,7 +77,6 @@ def stop_ray(*, for_exit: bool = False) -> None:
     """
     if not ray.is_initialized():
         return
-    stop_autoscaler_monitor()
     node = getattr(ray._private.worker, "_global_node", None)
     raylets = getattr(node, "all_processes", {}).get("raylet") if node is not None else None
     if not for_exit or not raylets:  # joined to a cluster: nothing of it is ours to stop
@@ -98,6 +88,27 @@ def stop_ray(*, for_exit: bool = False) -> None:
         raylet.wait(timeout=10)
     if not getattr(node, "kernel_fate_share", False):
         node.kill_all_processes(check_alive=False, allow_graceful=False)
+
+
+@contextlib.contextmanager
+def _head_processes(*, monitor: bool, log_monitor: bool) -> Iterator[None]:
+    """Have the head node ``ray.init`` starts leave out the autoscaler's monitor and/or the
+    log monitor. ``ray start --head`` has flags for both (``--no-monitor``,
+    ``--include-log-monitor``); ``ray.init`` passes neither to the ``RayParams`` it builds,
+    so their defaults are set here for the duration of the call."""
+    params = ray._private.parameter.RayParams
+    original = params.__init__
+
+    def init(self, *args, **kwargs) -> None:
+        kwargs.setdefault("no_monitor", not monitor)
+        kwargs.setdefault("include_log_monitor", log_monitor)
+        original(self, *args, **kwargs)
+
+    params.__init__ = init
+    try:
+        yield
+    finally:
+        params.__init__ = original
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import ray
 # (about 1 s) and the data reading, which run beside it in a thread.
 from shared.config import RunConfig
 from shared.errors import ConfigError, FedrnnError
-from simulations.ray_setup import CPUS_PER_CLIENT, start_ray, stop_autoscaler_monitor
+from simulations.ray_setup import CPUS_PER_CLIENT, start_ray
 
 log = logging.getLogger("fedrnn")
 
@@ -106,16 +106,10 @@ def simulate(config: RunConfig, *, verbose: bool = False,
     finished = threading.Event()
     failure: list[BaseException] = []
 
-    def run_finished(_: Path) -> None:
-        # The ServerApp has written the whole run; Flower's teardown, which follows, ends
-        # with ray.shutdown: spare it the monitor's one-second wait.
-        stop_autoscaler_monitor()
-        finished.set()
-
     def engine() -> None:
         try:
             run_simulation(
-                server_app=make_app(config, on_finish=run_finished),
+                server_app=make_app(config, on_finish=lambda _: finished.set()),
                 client_app=client_app,
                 num_supernodes=simulation_slots(config),  # worker slots (sampling.py)
                 # Ray is already running (``start_ray``): Flower's backend uses it as it is.
