@@ -34,6 +34,14 @@ CPUS_PER_CLIENT = 1
 # Imported by every worker process of a local Ray instance before it takes work.
 WORKER_PRELOAD = "simulations.worker_preload"
 
+# Ray's processes connect to the raylet and its object store with retries, one second
+# apart by default (10 attempts). At start-up the first attempt often comes before the
+# socket is there, and both the raylet (to its own store) and the driver waited a full
+# second for nothing: the raylet log shows the gap in about half the starts. Retrying
+# every 50 ms keeps the same 10 s of patience.
+FAST_CONNECT = {"RAY_raylet_client_connect_timeout_milliseconds": "50",
+                "RAY_raylet_client_num_connect_attempts": "200"}
+
 
 def start_ray(*, verbose: bool) -> None:
     """Start Ray for Flower's backend (or join ``RAY_ADDRESS``), without a ``runtime_env``.
@@ -58,7 +66,7 @@ def start_ray(*, verbose: bool) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     # Ray reads its settings from RAY_<name> in the environment of the processes it starts;
     # scoped to this call so that nothing else this process starts later inherits it.
-    with _environ(RAY_preload_python_modules=WORKER_PRELOAD), \
+    with _environ(RAY_preload_python_modules=WORKER_PRELOAD, **FAST_CONNECT), \
             _head_processes(monitor=False, log_monitor=verbose):
         # address "local": a fresh instance, even if `ray start` left a cluster here
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,

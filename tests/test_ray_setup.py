@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ray
 
-from simulations.ray_setup import start_ray, stop_ray
+from simulations.ray_setup import FAST_CONNECT, start_ray, stop_ray
 
 
 def _alive(pid: int) -> bool:
@@ -92,6 +92,11 @@ def test_no_monitors_and_stopping_leaves_no_ray_process_behind():
     assert {"monitor", "log_monitor"}.isdisjoint(node.all_processes)
     assert {"gcs_server", "raylet"} <= set(node.all_processes)
     raylet = node.all_processes["raylet"][0].process.pid
+    # Ray's processes retry their connections every 50 ms, not every second; the setting
+    # is theirs, not this process's
+    environ = Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0")
+    assert {f"{k}={v}".encode() for k, v in FAST_CONNECT.items()} <= set(environ)
+    assert not set(FAST_CONNECT) & set(os.environ)
     pids = {info.process.pid for infos in node.all_processes.values() for info in infos}
 
     def pid() -> int:
