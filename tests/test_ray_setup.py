@@ -40,22 +40,31 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def test_workers_start_with_the_client_app_and_one_thread_each():
+def test_workers_start_with_the_client_app_and_one_thread_each(capfd):
     def worker_state() -> tuple[bool, bool, bool, int]:
         import sys
 
+        print("worker-output-reaches-the-driver")
         # nothing in this task imports them: they were loaded as the worker started
         loaded = ("client.app" in sys.modules, "opacus" in sys.modules,
                   "torch" in sys.modules)
         return (*loaded, sys.modules["torch"].get_num_threads() if loaded[2] else 0)
 
-    start_ray(verbose=False)
+    # --verbose: the workers' output is streamed to the driver (Ray's log monitor runs)
+    start_ray(verbose=True)
     try:
+        assert "log_monitor" in ray._private.worker._global_node.all_processes
         task = ray.remote(num_cpus=1)(worker_state)
         states = ray.get([task.remote() for _ in range(2)])
+        printed = ""
+        deadline = time.monotonic() + 30  # the log monitor tails the workers' files
+        while "worker-output-reaches-the-driver" not in printed and time.monotonic() < deadline:
+            time.sleep(0.2)
+            printed += capfd.readouterr().out
     finally:
         stop_ray()
     assert states == [(True, True, True, 1)] * 2
+    assert "worker-output-reaches-the-driver" in printed
 
 
 def test_workers_load_flowers_actor_without_flowers_simulation_server():
