@@ -1,6 +1,6 @@
 """The Ray instance under ``fedrnn simulate``: started early, its workers warm, stopped fast.
 
-Measured on 2 cores (``fedrnn bench simulation``, README), three of Ray's defaults cost
+Measured on 2 cores (``fedrnn bench simulation``, README), four of Ray's defaults cost
 the simulation seconds that the same client work in a plain process never pays:
 
 - a Ray worker imports torch, Opacus and Flower (about 2.7 s) only when Flower's first
@@ -12,7 +12,8 @@ the simulation seconds that the same client work in a plain process never pays:
   whose imports (about 1 CPU-s each) compete with the driver's and hold back the raylet,
   which starts after them: ``ray.init`` returned 1 to 2 s sooner without them (standalone,
   four alternating runs). The monitor has nothing to scale on one machine; the log
-  monitor only streams the workers' output to a driver that asked for it (``--verbose``).
+  monitor only streams the workers' output to a driver that asked for it (``--verbose``);
+- Ray's processes retry their connections one second apart (``FAST_CONNECT``).
 
 Nothing here imports torch: Ray should start before the driver's own imports.
 """
@@ -35,9 +36,9 @@ CPUS_PER_CLIENT = 1
 WORKER_PRELOAD = "simulations.worker_preload"
 
 # Ray's processes connect to the raylet and its object store with retries, one second
-# apart by default (10 attempts). At start-up the first attempt often comes before the
-# socket is there, and both the raylet (to its own store) and the driver waited a full
-# second for nothing: the raylet log shows the gap in about half the starts. Retrying
+# apart by default (10 attempts). At start-up the raylet's first attempt on its own store
+# often came before the store's socket existed, and it waited a full second for nothing
+# (the gap in raylet.out in 2 of 3 starts; 10 to 60 ms in 4 of 4 with this). Retrying
 # every 50 ms keeps the same 10 s of patience.
 FAST_CONNECT = {"RAY_raylet_client_connect_timeout_milliseconds": "50",
                 "RAY_raylet_client_num_connect_attempts": "200"}
@@ -74,7 +75,7 @@ def start_ray(*, verbose: bool) -> None:
 
 
 def stop_ray(*, for_exit: bool = False) -> None:
-    """Ray's orderly shutdown (the raylet stops its workers and agents), minus the wait.
+    """Ray's orderly shutdown (the raylet stops its workers and agents), or a fast one.
 
     ``for_exit``: the process ends right after this (``os._exit``) while Flower's engine
     may still be running on its threads, as when a run is interrupted. Ray is then stopped
