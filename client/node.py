@@ -10,13 +10,15 @@ runs fedrnn's ClientApp in-process, with Flower's own task functions
 (``pull_task_input``/``push_message``/``push_task_output``, the same calls
 ``flwr-clientapp`` makes). Torch is imported and the records are read once.
 
-The site's records, ledger and budget reach the ClientApp as the SuperNode's node config
-(``data``, ``ledger``, ``name``, ``budget-epsilon``, ``budget-delta``).
+The site's records, ledger and privacy policy reach the ClientApp as the SuperNode's node
+config (``data``, ``ledger``, ``name``, ``budget-epsilon``, ``budget-delta``, ``accountant``,
+``eval-fraction``, ``evaluate``): the site's own, never the server's (``client.policy``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 import socket
 import subprocess
@@ -25,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.policy import OFFERED_ACCOUNTANTS
 from shared.errors import ConfigError, FedrnnError
 from shared.processes import die_with_parent, flower_bin, stop
 
@@ -39,24 +42,28 @@ class SiteOptions:
     data: Path
     ledger: Path
     name: str
-    budget_epsilon: float = 0.0
-    budget_delta: float = 0.0
+    budget_epsilon: float
+    budget_delta: float
+    accountant: str = "rdp"
+    eval_fraction: float = 0.2
+    evaluate: bool = True
     root_cert: Path | None = None
     auth_key: Path | None = None
     insecure: bool = False
     max_wait: float = 0.0  # give up connecting after this many seconds (0: keep trying)
 
     def node_config(self) -> str:
-        values = {"data": str(self.data), "ledger": str(self.ledger), "name": self.name}
-        if self.budget_epsilon:
-            values["budget-epsilon"] = self.budget_epsilon
-        if self.budget_delta:
-            values["budget-delta"] = self.budget_delta
+        values = {"data": str(self.data), "ledger": str(self.ledger), "name": self.name,
+                  "budget-epsilon": self.budget_epsilon, "budget-delta": self.budget_delta,
+                  "accountant": self.accountant, "eval-fraction": self.eval_fraction,
+                  "evaluate": self.evaluate}
         # Flower parses node config as TOML values: strings quoted, numbers bare.
         return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)
@@ -81,8 +88,13 @@ def check_options(options: SiteOptions) -> None:
         raise ConfigError(f"--ledger {options.ledger}: directory {options.ledger.parent} "
                           "does not exist")
     # written so that NaN fails too: every comparison with NaN is false
-    if not (options.budget_epsilon >= 0 and 0 <= options.budget_delta < 1):
-        raise ConfigError("--budget-epsilon must be >= 0 and --budget-delta in [0, 1)")
+    if not (0 < options.budget_epsilon < math.inf and 0 < options.budget_delta < 1):
+        raise ConfigError("--budget-epsilon must be a positive number and --budget-delta in "
+                          "(0, 1): the site's own limit on what any record may lose")
+    if options.accountant not in OFFERED_ACCOUNTANTS:
+        raise ConfigError(f"--accountant must be one of {', '.join(OFFERED_ACCOUNTANTS)}")
+    if not 0 < options.eval_fraction < 1:
+        raise ConfigError("--eval-fraction must be in (0, 1)")
     if not options.max_wait >= 0:
         raise ConfigError("--max-wait must be 0 (keep trying) or a number of seconds")
 

@@ -48,9 +48,13 @@ EPILOG_SERVER = """examples:
 
 EPILOG_CLIENT = """examples:
   fedrnn client --server fedrnn.example.org:9092 --root-cert ca.crt \\
-                --data records.csv --ledger site.sqlite --budget-epsilon 8
+                --data records.csv --ledger site.sqlite --budget-epsilon 8 --budget-delta 1e-5
   fedrnn client --server 127.0.0.1:9092 --root-cert certs/ca.crt --auth-key site-1.key \\
-                --data sites/site-1.csv --ledger ledgers/site-1.sqlite
+                --data sites/site-1.csv --ledger ledgers/site-1.sqlite \\
+                --budget-epsilon 3 --budget-delta 1e-6 --no-evaluate
+
+The budget is the site's, never the server's: a run can only ask; the site declines what
+its policy does not allow. To raise a stored budget: fedrnn ledger set-budget LEDGER ...
 """
 
 
@@ -188,11 +192,18 @@ def _absolute(path: str | None) -> Path | None:
 def _cmd_client(args: argparse.Namespace) -> int:
     from client.node import SiteOptions, run_site
 
+    missing = [flag for flag, value in (("--budget-epsilon", args.budget_epsilon),
+                                        ("--budget-delta", args.budget_delta)) if value is None]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} required: a site sets its own privacy "
+                          "budget (e.g. --budget-epsilon 8 --budget-delta 1e-5); the server "
+                          "cannot set it")
     data = Path(args.data).expanduser().resolve()
     ledger = Path(args.ledger).expanduser().resolve()
     options = SiteOptions(
         server=args.server, data=data, ledger=ledger, name=args.name or data.stem,
         budget_epsilon=args.budget_epsilon, budget_delta=args.budget_delta,
+        accountant=args.accountant, eval_fraction=args.eval_fraction, evaluate=args.evaluate,
         root_cert=_absolute(args.root_cert), auth_key=_absolute(args.auth_key),
         insecure=args.insecure, max_wait=args.max_wait)
     return run_site(options)
@@ -362,10 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
                      "the client column is optional and ignored)")
     cli.add_argument("--ledger", required=True, metavar="PATH.sqlite",
                      help="this site's privacy ledger (created if missing; keep it)")
-    cli.add_argument("--budget-epsilon", type=float, default=0.0, metavar="E",
-                     help="this site's total epsilon across runs (default: the run's target)")
-    cli.add_argument("--budget-delta", type=float, default=0.0, metavar="D",
-                     help="this site's delta budget (default: the run's delta)")
+    cli.add_argument("--budget-epsilon", type=float, metavar="E",
+                     help="required: the most epsilon any of this site's records may lose, "
+                     "across all runs (a stored budget is never raised by a run)")
+    cli.add_argument("--budget-delta", type=float, metavar="D",
+                     help="required: the delta at which the site accounts, e.g. 1e-5 "
+                     "(well below 1/records)")
+    cli.add_argument("--accountant", choices=("rdp", "prv"), default="rdp",
+                     help="how this site composes its releases (default: rdp); the server's "
+                     "proposal is never used")
+    cli.add_argument("--eval-fraction", type=float, default=0.2, metavar="F",
+                     help="share of this site's records held out for evaluation, chosen per "
+                     "record by a keyed hash whose key stays in the ledger (default: 0.2)")
+    cli.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                     help="answer evaluation requests with DP-noised metrics charged to the "
+                     "evaluation records' budget (default); --no-evaluate declines them")
     cli.add_argument("--root-cert", metavar="FILE", help="CA certificate that signed the "
                      "server's certificate (ca.crt from fedrnn certs)")
     cli.add_argument("--auth-key", metavar="FILE",

@@ -22,6 +22,7 @@ from shared.config import RunConfig
 from shared.data import site_data
 from shared.data.readers import read_file
 
+BUDGET = ["--budget-epsilon", "8", "--budget-delta", "1e-5"]
 SMALL = ["--dataset", "synthetic", "--task", "classify", "--hidden-size", "8",
          "--batch-size", "16"]
 
@@ -121,7 +122,7 @@ def deployment(tmp_path: Path):
 def _client(tmp: Path, site: int, port: int, *extra: str) -> list[str]:
     return ["client", "--server", f"127.0.0.1:{port}", "--root-cert",
             str(tmp / "certs" / "ca.crt"), "--data", str(tmp / "sites" / f"site-{site}.csv"),
-            "--ledger", str(tmp / f"site-{site}.sqlite"), *extra]
+            "--ledger", str(tmp / f"site-{site}.sqlite"), *BUDGET, *extra]
 
 
 def test_certs_cover_the_hosts_and_refuse_to_overwrite(tmp_path):
@@ -156,20 +157,27 @@ def test_client_with_a_bad_data_file_stops_before_connecting(tmp_path, capsys):
     write_certificates(tmp_path / "certs")
     code = main(["client", "--server", "127.0.0.1:1", "--root-cert",
                  str(tmp_path / "certs" / "ca.crt"), "--data", str(bad),
-                 "--ledger", str(tmp_path / "site.sqlite")])
+                 "--ledger", str(tmp_path / "site.sqlite"), *BUDGET])
     assert code == 2
     err = capsys.readouterr().err
     assert "records.csv, line 2, column 'hr'" in err and "Traceback" not in err
     assert not (tmp_path / "site.sqlite").exists()
     assert main(["client", "--server", "127.0.0.1:1", "--data", str(bad),
-                 "--ledger", str(tmp_path / "site.sqlite")]) == 2
+                 "--ledger", str(tmp_path / "site.sqlite"), *BUDGET]) == 2
     assert "--root-cert" in capsys.readouterr().err
+    # a site without its own budget refuses to start: one line naming both flags
+    assert main(["client", "--server", "127.0.0.1:1", "--insecure", "--data", str(bad),
+                 "--ledger", str(tmp_path / "site.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert "--budget-epsilon and --budget-delta required" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     good = tmp_path / "good.csv"
     good.write_text("sequence_id,time,hr\np1,0,60\np2,0,61\n")
-    for flag, value in (("--budget-epsilon", "nan"), ("--max-wait", "-1")):
+    for flag, value in (("--budget-epsilon", "nan"), ("--budget-epsilon", "inf"),
+                        ("--budget-delta", "0"), ("--max-wait", "-1")):
         assert main(["client", "--server", "127.0.0.1:1", "--root-cert",
                      str(tmp_path / "certs" / "ca.crt"), "--data", str(good),
-                     "--ledger", str(tmp_path / "site.sqlite"), flag, value]) == 2
+                     "--ledger", str(tmp_path / "site.sqlite"), *BUDGET, flag, value]) == 2
         assert flag in capsys.readouterr().err
     assert not (tmp_path / "site.sqlite").exists()
 
@@ -181,7 +189,7 @@ def test_client_gives_up_on_an_unreachable_server_after_max_wait(tmp_path, capsy
     code = main(["client", "--server", f"127.0.0.1:{_free_port()}", "--root-cert",
                  str(tmp_path / "certs" / "ca.crt"), "--data",
                  str(tmp_path / "sites" / "site-0.csv"), "--ledger",
-                 str(tmp_path / "site.sqlite"), "--max-wait", "3"])
+                 str(tmp_path / "site.sqlite"), "--max-wait", "3", *BUDGET])
     assert code == 2
     err = capsys.readouterr().err
     assert "could not be reached" in err and "Traceback" not in err
