@@ -96,9 +96,8 @@ def write_certificates(directory: str | Path, *, hosts: list[str] | tuple[str, .
     written = []
     for name, data in files.items():
         path = out / name
-        write_atomic(path, data)
-        if name.endswith(".key"):
-            path.chmod(0o600)
+        # a private key is owner-only from the moment its file exists, not chmod-ed after
+        write_atomic(path, data, private=name.endswith(".key"))
         written.append(path)
     return written
 

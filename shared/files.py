@@ -15,10 +15,15 @@ def write_atomic(path: str | Path, data: bytes, *, private: bool = False) -> Non
     the file is created owner-only (0600), never readable by others even for an instant."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    mode = PRIVATE_MODE if private else 0o666  # 0o666 is narrowed by the umask, as open()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     if private:
-        os.fchmod(fd, PRIVATE_MODE)  # a stale tmp file of another mode is made private first
+        # A stale temporary file (a crash, or planted) may be open elsewhere already or be
+        # a symlink: it is removed, and the new one is created by this call alone
+        # (O_EXCL, no symlink followed), 0600 or narrower from its first instant.
+        tmp.unlink(missing_ok=True)
+        flags |= os.O_EXCL | os.O_NOFOLLOW
+    mode = PRIVATE_MODE if private else 0o666  # both narrowed by the umask, as open()
+    fd = os.open(tmp, flags, mode)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
