@@ -10,6 +10,14 @@ runs fedrnn's ClientApp in-process, with Flower's own task functions
 (``pull_task_input``/``push_message``/``push_task_output``, the same calls
 ``flwr-clientapp`` makes). Torch is imported and the records are read once.
 
+The SuperNode's local Runtime API hands tasks, and with them the server's messages and the
+site's replies, to whoever claims them. Any local user can reach a loopback port, so each
+SuperNode session gets a fresh random secret (``--superexec-auth-secret-file``, a 0600 file
+in a private temporary directory) and only a caller holding it can claim a task: this
+process signs its ``AcquireTask`` calls with Flower's own ``SuperExecAuthHttpInterceptor``,
+as Flower's SuperExec does. A task's other calls carry the task token that the signed claim
+returned, which is how the SuperNode authenticates them.
+
 The site's records, ledger and privacy policy reach the ClientApp as the SuperNode's node
 config (``data``, ``ledger``, ``name``, ``budget-epsilon``, ``budget-delta``, ``accountant``,
 ``eval-fraction``, ``evaluate``): the site's own, never the server's (``client.policy``).
@@ -19,21 +27,37 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import shlex
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from client.policy import OFFERED_ACCOUNTANTS
 from shared.errors import ConfigError, FedrnnError
+from shared.files import write_atomic
 from shared.processes import die_with_parent, flower_bin, stop
+
+if TYPE_CHECKING:
+    from flwr.supercore.runtime import RuntimeHttpClient
 
 log = logging.getLogger("fedrnn")
 
 POLL_SECONDS = 0.2  # how often an idle site asks its SuperNode for work
+SECRET_BYTES = 32  # the SuperNode session's secret: an HMAC-SHA256 key
+# The calls Flower's SuperNode checks a signature on (Flower's own SuperExec signs the same,
+# flwr/supercore/superexec/run_superexec.py ``_SUPEREXEC_AUTH_METHODS``): the other task
+# calls are authenticated by the token the signed claim returns.
+SIGNED_METHODS = ("/flwr.proto.Runtime/AcquireTask",)
 
 
 @dataclass(frozen=True)
@@ -121,6 +145,11 @@ def run_site(options: SiteOptions) -> int:
     server, or a problem retrying cannot fix (certificate, key), end the site.
     """
     check_options(options)
+    with _exit_on_sigterm():
+        return _run_site(options)
+
+
+def _run_site(options: SiteOptions) -> int:
     n_records = read_site_records(options)
     log.info("site %s: %d records in %s, ledger %s", options.name, n_records, options.data,
              options.ledger)
@@ -147,25 +176,57 @@ def run_site(options: SiteOptions) -> int:
         time.sleep(1.0)
 
 
+@contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """A stopped site (SIGTERM: ``kill``, systemd) unwinds like Ctrl-C, so that its
+    SuperNode is stopped and its session's secret removed; Python's default would end the
+    process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; a caller there handles them
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def session_secret() -> Iterator[tuple[Path, bytes]]:
+    """A fresh random secret for one SuperNode session: yields the file the SuperNode reads
+    it from and the secret itself.
+
+    The file is created 0600 by ``open(2)`` inside a directory only this user can enter
+    (``mkdtemp``: 0700), and both are removed when the session ends.
+    """
+    secret = secrets.token_bytes(SECRET_BYTES)
+    with tempfile.TemporaryDirectory(prefix="fedrnn-site-") as directory:
+        path = Path(directory) / "superexec.secret"
+        write_atomic(path, secret, private=True)
+        yield path, secret
+
+
 def _session(options: SiteOptions) -> _SuperNodeLog:
     """One SuperNode's life: connect, serve tasks until it exits; returns its log."""
     port = _free_port()
-    supernode = subprocess.Popen(_supernode_command(options, port), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                 preexec_fn=die_with_parent())
-    watcher = _SuperNodeLog(supernode)
-    watcher.start()
-    try:
-        _serve(port, supernode)
-    finally:
-        stop(supernode)
-        watcher.join(timeout=5)
+    with session_secret() as (secret_file, secret):
+        supernode = subprocess.Popen(_supernode_command(options, port, secret_file),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, bufsize=1, preexec_fn=die_with_parent())
+        watcher = _SuperNodeLog(supernode)
+        watcher.start()
+        try:
+            _serve(port, supernode, secret)
+        finally:
+            stop(supernode)
+            watcher.join(timeout=5)
     return watcher
 
 
-def _supernode_command(options: SiteOptions, port: int) -> list[str]:
+def _supernode_command(options: SiteOptions, port: int, secret_file: Path) -> list[str]:
     cmd = [flower_bin("flower-supernode"), "--superlink", options.server,
            "--isolation", "process", "--host", "127.0.0.1", "--port", str(port),
+           "--superexec-auth-secret-file", str(secret_file),
            "--node-config", options.node_config()]
     if options.insecure:
         cmd.append("--insecure")
@@ -230,26 +291,46 @@ class _SuperNodeLog(threading.Thread):
             log.debug("supernode: %s", line)
 
 
-def _serve(port: int, supernode: subprocess.Popen) -> None:
-    """Claim and run the SuperNode's tasks while it lives."""
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+def executor_client(runtime_address: str, secret: bytes) -> RuntimeHttpClient:
+    """A client of the SuperNode's Runtime API that claims tasks as its executor: its
+    ``AcquireTask`` calls are signed with the session's ``secret`` by Flower's own
+    interceptor (HMAC-SHA256 over method, time, nonce and request body)."""
+    from flwr.supercore.interceptors import (
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    runtime_address = f"127.0.0.1:{port}"
     # No retry invoker: while the SuperNode is not connected, asking again next poll is
     # the retry, and a SuperNode that gave up must be noticed, not retried forever.
-    runtime = RuntimeHttpClient.from_server_address(
+    return RuntimeHttpClient.from_server_address(
         server_address=runtime_address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                      SuperExecAuthHttpInterceptor(master_secret=secret,
+                                                   protected_methods=SIGNED_METHODS)])
+
+
+def _serve(port: int, supernode: subprocess.Popen, secret: bytes) -> None:
+    """Claim and run the SuperNode's tasks while it lives."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+
+    runtime_address = f"127.0.0.1:{port}"
+    runtime = executor_client(runtime_address, secret)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     try:
         while supernode.poll() is None:
             try:
                 response = runtime.AcquireTask(request)
             except Exception as exc:  # the SuperNode's API is not up yet, or is going down
-                log.debug("runtime API not ready: %s", exc)
+                refused = (isinstance(exc, httpx.HTTPStatusError)
+                           and exc.response.status_code == 401)
+                # A refused signature is not a start-up state: the clock stepped, or what
+                # answers on this port is not the SuperNode started with this secret.
+                log.log(logging.WARNING if refused else logging.DEBUG,
+                        "runtime API %s: %s", "refused the session secret" if refused
+                        else "not ready", exc)
                 time.sleep(POLL_SECONDS)
                 continue
             if response.HasField("task") and response.token:

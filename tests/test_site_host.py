@@ -1,0 +1,273 @@
+"""A deployed site's host (``client/node.py``): the SuperNode's local API serves only the
+holder of the session's secret, and the secret lives in a private file for one session.
+
+The attacker here is another local user: it reaches the SuperNode's loopback port with
+Flower's own ``RuntimeHttpClient`` and task functions, as Flower's executors do."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+SECRET_PATH = "/secret/path/records.csv"  # the site's records file, never to leave the site
+
+PROBE_SERVER_APP = '''
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    # One train message to the one site; everything the server receives back is recorded.
+    while not grid.get_node_ids():
+        time.sleep(0.2)
+    node = sorted(grid.get_node_ids())[0]
+    message = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
+                      message_type="train")
+    replies = [{"error": r.has_error(), "code": r.error.code if r.has_error() else None,
+                "reason": r.error.reason if r.has_error() else None,
+                "content": repr(r.content) if r.has_content() else None}
+               for r in grid.send_and_receive([message], timeout=60)]
+    Path(str(context.run_config["out"])).write_text(json.dumps(replies))
+'''
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+# --- the session's secret ----------------------------------------------------------------
+
+def test_the_session_secret_is_fresh_private_and_removed():
+    from client.node import SECRET_BYTES, session_secret
+
+    previous = os.umask(0)  # whatever mode the files get is the mode they were made with
+    try:
+        with session_secret() as (first, secret_1), session_secret() as (second, secret_2):
+            for path, secret in ((first, secret_1), (second, secret_2)):
+                assert _mode(path.parent) == 0o700 and _mode(path) == 0o600
+                assert path.read_bytes() == secret and len(secret) == SECRET_BYTES
+            assert secret_1 != secret_2 and first.parent != second.parent
+    finally:
+        os.umask(previous)
+    assert not first.parent.exists() and not second.parent.exists()
+
+
+def test_a_stopped_site_removes_its_secret(tmp_path):
+    # ``kill``/systemd stop a site with SIGTERM: its SuperNode session unwinds, and the
+    # secret's directory goes with it.
+    from client.node import _free_port
+    from shared.cli import main
+
+    assert main(["split", str(tmp_path / "sites"), "--dataset", "synthetic",
+                 "--clients", "2"]) == 0
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "FLWR_HOME": str(tmp_path / "flwr"),
+           "OMP_NUM_THREADS": "1"}
+    # nothing listens on the server's port: the site keeps trying until it is stopped
+    site = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "client", "--server", f"127.0.0.1:{_free_port()}",
+         "--insecure", "--data", str(tmp_path / "sites" / "site-0.csv"), "--ledger",
+         str(tmp_path / "site.sqlite"), "--budget-epsilon", "8", "--budget-delta", "1e-5"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        _until(lambda: list(temp.glob("fedrnn-site-*/superexec.secret")), 60,
+               "the session's secret")
+        [secret] = temp.glob("fedrnn-site-*/superexec.secret")
+        assert _mode(secret.parent) == 0o700 and _mode(secret) == 0o600
+        time.sleep(1.0)  # the SuperNode is starting with it
+        site.send_signal(signal.SIGTERM)
+        assert site.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if site.poll() is None:
+            site.kill()
+            site.wait()
+    assert list(temp.iterdir()) == []
+
+
+# --- the SuperNode's local API against a local attacker ----------------------------------
+
+@pytest.fixture
+def superlink(tmp_path):
+    """A real insecure SuperLink on loopback, and a run of a probe ServerApp that sends
+    one train message and records what comes back (``replies.json``)."""
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_files
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.common.serde import fab_to_proto
+    from flwr.proto.control_pb2 import ListRunsRequest, StartRunRequest
+    from flwr.supercore.fab import Fab
+
+    from client.node import _free_port
+    from shared.processes import flower_bin
+
+    port = _free_port()
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "link-home"),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    with (tmp_path / "superlink.log").open("w") as log_file:
+        link = subprocess.Popen([flower_bin("flower-superlink"), "--insecure", "--host",
+                                 "127.0.0.1", "--port", str(port),
+                                 "--disable-runtime-dependency-installation"],
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    try:
+        control = init_http_client_from_connection(SuperLinkConnection(
+            name="probe", address=f"127.0.0.1:{port}", insecure=True))
+
+        def up() -> bool:
+            try:
+                control.ListRuns(ListRunsRequest())
+                return True
+            except Exception:  # noqa: BLE001  not listening yet
+                assert link.poll() is None, (tmp_path / "superlink.log").read_text()
+                return False
+
+        _until(up, 30, "the SuperLink")
+        replies = tmp_path / "replies.json"
+        pyproject = (
+            '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+            '[project]\nname = "siteprobe"\nversion = "1.0.0"\ndependencies = []\n\n'
+            '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
+            '[tool.flwr.app]\npublisher = "fedrnn"\n\n'
+            '[tool.flwr.app.components]\nserverapp = "siteprobe_server:app"\n'
+            'clientapp = "client.app:app"\n\n'
+            f'[tool.flwr.app.config]\nout = "{replies}"\n')
+        fab = build_fab_from_files({"pyproject.toml": pyproject.encode(),
+                                    "siteprobe_server.py": PROBE_SERVER_APP.encode()})[0]
+        control.StartRun(StartRunRequest(fab=fab_to_proto(
+            Fab(hashlib.sha256(fab).hexdigest(), fab, {}))))
+        yield f"127.0.0.1:{port}", replies
+    finally:
+        link.terminate()
+        try:
+            link.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            link.kill()
+            link.wait()
+
+
+def test_only_the_holder_of_the_session_secret_claims_tasks(superlink, tmp_path, caplog):
+    from flwr.proto.runtime_pb2 import (
+        AcquireTaskRequest,
+        PullAppMessagesRequest,
+        PushAppMessagesRequest,
+        PushTaskOutputRequest,
+    )
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import pull_task_input
+
+    from client.node import (
+        SIGNED_METHODS,
+        SiteOptions,
+        _free_port,
+        _supernode_command,
+        executor_client,
+        run_task,
+        session_secret,
+    )
+
+    server, replies = superlink
+    options = SiteOptions(server=server, data=Path(SECRET_PATH), ledger=tmp_path / "l.sqlite",
+                          name="site", budget_epsilon=8, budget_delta=1e-5, insecure=True)
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "node-home")}
+
+    def attacker(*interceptors) -> RuntimeHttpClient:
+        return RuntimeHttpClient.from_server_address(
+            server_address=address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                          *interceptors])
+
+    def refused(call) -> bool:
+        try:
+            call()
+        except httpx.HTTPStatusError as exc:
+            # Flower's authentication failure, not a missing task or a bad request
+            return (exc.response.status_code == 401
+                    and "Authentication failed" in exc.response.text)
+        return False
+
+    claim = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    with session_secret() as (secret_file, secret):
+        with (tmp_path / "supernode.log").open("w") as log_file:
+            supernode = subprocess.Popen(_supernode_command(options, port, secret_file),
+                                         stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        try:
+            no_secret = attacker()
+            guessed = attacker(SuperExecAuthHttpInterceptor(master_secret=b"guess",
+                                                            protected_methods=SIGNED_METHODS))
+            executor = executor_client(address, secret)
+            response = None
+            deadline = time.monotonic() + 40
+            while response is None:
+                assert time.monotonic() < deadline, (tmp_path / "supernode.log").read_text()
+                # Before every claim of the site's own, the attacker tries first.
+                try:
+                    no_secret_refused = refused(lambda: no_secret.AcquireTask(claim))
+                    guess_refused = refused(lambda: guessed.AcquireTask(claim))
+                    answer = executor.AcquireTask(claim)
+                except httpx.TransportError:  # the SuperNode's API is not up yet
+                    time.sleep(0.2)
+                    continue
+                assert no_secret_refused and guess_refused
+                if answer.HasField("task") and answer.token:
+                    response = answer
+                else:
+                    time.sleep(0.2)
+
+            # The claimed task's calls need its token, which only the signed claim returned.
+            forged = attacker(RuntimeTokenHttpInterceptor("0" * len(response.token)))
+            for client in (no_secret, guessed, forged):
+                assert refused(lambda c=client: pull_task_input(c))
+                assert refused(lambda c=client: c.PullMessages(PullAppMessagesRequest()))
+                assert refused(lambda c=client: c.PushMessages(PushAppMessagesRequest()))
+                assert refused(lambda c=client: c.PushTaskOutput(PushTaskOutputRequest(
+                    sub_status="completed", details="forged")))
+            forged.close()
+            assert refused(lambda: no_secret.AcquireTask(claim))
+
+            # The site runs it: its records file is missing, and says so in its own log only.
+            with caplog.at_level(logging.INFO, logger="fedrnn"):
+                run_task(address, response.token, supernode)
+            assert f"{SECRET_PATH}: file not found" in caplog.text
+            _until(replies.exists, 30, "the probe ServerApp's record of the reply")
+        finally:
+            supernode.terminate()
+            supernode.wait(timeout=15)
+            for client in (no_secret, guessed, executor):
+                client.close()
+    [reply] = json.loads(replies.read_text())
+    assert reply["error"]  # the holder of the secret pulled the message and pushed its reply
