@@ -18,6 +18,10 @@ process signs its ``AcquireTask`` calls with Flower's own ``SuperExecAuthHttpInt
 as Flower's SuperExec does. A task's other calls carry the task token that the signed claim
 returned, which is how the SuperNode authenticates them.
 
+What leaves the site about a failure or a decline is a code and its word
+(``shared.protocol.REASONS``), never the text of an exception or of a reason: that text
+names the site's files and records and goes to the site's own log only.
+
 The site's records, ledger and privacy policy reach the ClientApp as the SuperNode's node
 config (``data``, ``ledger``, ``name``, ``budget-epsilon``, ``budget-delta``, ``accountant``,
 ``eval-fraction``, ``evaluate``): the site's own, never the server's (``client.policy``).
@@ -43,11 +47,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from client.policy import OFFERED_ACCOUNTANTS
-from shared.errors import ConfigError, FedrnnError
+from shared import protocol as P
+from shared.errors import ConfigError, DataError, FedrnnError
 from shared.files import write_atomic
 from shared.processes import die_with_parent, flower_bin, stop
 
 if TYPE_CHECKING:
+    from flwr.app import Message
     from flwr.supercore.runtime import RuntimeHttpClient
 
 log = logging.getLogger("fedrnn")
@@ -358,9 +364,7 @@ def run_task(runtime_address: str, token: str, supernode: subprocess.Popen) -> N
     (the server went away): Flower's invoker would retry that dead address forever, and
     the site would never reconnect.
     """
-    from flwr.app import Message
-    from flwr.app.error import Error
-    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.common.constant import SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
@@ -388,7 +392,7 @@ def run_task(runtime_address: str, token: str, supernode: subprocess.Popen) -> N
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     context = None
-    status, details = SubStatus.FAILED, "fedrnn ClientApp failed"
+    status, details = SubStatus.FAILED, P.REASON_INTERNAL
     try:
         message, context, _run, _fab = pull_task_input(client)
         started = time.monotonic()
@@ -398,16 +402,15 @@ def run_task(runtime_address: str, token: str, supernode: subprocess.Popen) -> N
         except Exception as exc:  # the site's own failure: report it to the server, go on
             log.error("%s failed: %s", message.metadata.message_type, exc,
                       exc_info=log.isEnabledFor(logging.DEBUG))
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                  reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
-            details = str(exc)
+            reply = reply_for_failure(message, exc)
+            details = reply.error.reason
         if reply.has_error() and status == SubStatus.COMPLETED:
             log.warning("%s", reply.error.reason)  # a decline, e.g. the budget is spent
         else:
             log.info("%s %s in %.1fs", message.metadata.message_type,
                      "done" if status == SubStatus.COMPLETED else "failed",
                      time.monotonic() - started)
-        push_message(client, reply, context)
+        push_message(client, sanitised(reply, message), context)
     finally:
         try:
             push_task_output(client=client, context=context, sub_status=status,
@@ -415,3 +418,29 @@ def run_task(runtime_address: str, token: str, supernode: subprocess.Popen) -> N
         finally:
             heartbeat.stop()
             client.close()
+
+
+def reply_for_failure(message: Message, exc: BaseException) -> Message:
+    """The reply to ``message`` when the ClientApp raised ``exc``: a code and its word.
+
+    ``FAILED_DATA`` when the site's records or settings do not fit the run (``DataError``,
+    ``ConfigError``), ``FAILED_INTERNAL`` for anything else. The exception's text names
+    the site's files, columns and labels: it belongs in the site's log, not in the reply.
+    """
+    from flwr.app import Error, Message
+
+    code = P.FAILED_DATA if isinstance(exc, (DataError, ConfigError)) else P.FAILED_INTERNAL
+    return Message(Error(code=code, reason=P.REASONS[code]), reply_to=message)
+
+
+def sanitised(reply: Message, message: Message) -> Message:
+    """``reply`` as it may leave the site: a reply that carries an error is rebuilt with its
+    code and the code's word only (``REASONS``; "internal" for a code fedrnn does not
+    define), whatever reason text the ClientApp wrote. Other replies pass unchanged."""
+    from flwr.app import Error, Message
+
+    if not reply.has_error():
+        return reply
+    code = reply.error.code
+    return Message(Error(code=code, reason=P.REASONS.get(code, P.REASON_INTERNAL)),
+                   reply_to=message)

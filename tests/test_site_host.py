@@ -1,5 +1,6 @@
 """A deployed site's host (``client/node.py``): the SuperNode's local API serves only the
-holder of the session's secret, and the secret lives in a private file for one session.
+holder of the session's secret, the secret lives in a private file for one session, and
+what a site's reply says about a failure is a code and its word, never the site's text.
 
 The attacker here is another local user: it reaches the SuperNode's loopback port with
 Flower's own ``RuntimeHttpClient`` and task functions, as Flower's executors do."""
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from shared import protocol as P
+from shared.errors import ConfigError, DataError
 
 SECRET_PATH = "/secret/path/records.csv"  # the site's records file, never to leave the site
 
@@ -58,6 +62,69 @@ def _until(condition, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+def _message(message_type: str = "train"):
+    """An incoming message as a SuperNode hands it to the ClientApp."""
+    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+
+    metadata = Metadata(run_id=7, message_id="m1", src_node_id=1, dst_node_id=42,
+                        reply_to_message_id="", group_id="1", created_at=time.time(),
+                        ttl=3600, message_type=message_type)
+    return Message(RecordDict({P.CONFIG: ConfigRecord({"rounds": 3})}), metadata=metadata)
+
+
+def _wire(reply) -> bytes:
+    """The reply as it is serialised to leave the site."""
+    from flwr.common.serde import message_to_proto
+
+    return message_to_proto(reply).SerializeToString()
+
+
+# --- replies carry codes, not text -------------------------------------------------------
+
+@pytest.mark.parametrize(("exc", "code", "word"), [
+    (DataError(SECRET_PATH, "label(s) hiv, hepatitis-c not in the run's labels", line=17,
+               column="diagnosis"), P.FAILED_DATA, "data"),
+    (ConfigError(f"--data {SECRET_PATH}: hidden-size 8 does not fit"), P.FAILED_DATA, "data"),
+    (RuntimeError(f"DP-SGD ran on {SECRET_PATH} (label hiv)"), P.FAILED_INTERNAL, "internal"),
+    (KeyError("hiv"), P.FAILED_INTERNAL, "internal"),
+])
+def test_a_failure_reply_carries_a_code_and_its_word(exc, code, word):
+    from client.node import reply_for_failure
+
+    message = _message()
+    reply = reply_for_failure(message, exc)
+    assert reply.has_error() and not reply.has_content()
+    assert (reply.error.code, reply.error.reason) == (code, word) == (code, P.REASONS[code])
+    assert reply.metadata.reply_to_message_id == "m1" and reply.metadata.dst_node_id == 1
+    wire = _wire(reply)
+    for text in ("secret", "records.csv", "hiv", "hepatitis", "diagnosis", "line 17",
+                 type(exc).__name__):
+        assert text.encode() not in wire, text
+
+
+def test_an_error_reply_of_the_app_leaves_with_its_word_only():
+    from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+
+    from client.node import sanitised
+
+    message = _message()
+    for code, reason, word in [
+        (P.DECLINED_BUDGET, f"site {SECRET_PATH} declined: epsilon 7.9 of 8 spent on hiv",
+         "budget"),
+        (P.DECLINED_POLICY, "site records declined: it trains only with record-level DP",
+         "policy"),
+        (P.FAILED_DATA, f"{SECRET_PATH}: label(s) hiv", "data"),
+        (0, f"Traceback ... {SECRET_PATH}", "internal"),  # a code fedrnn does not define
+    ]:
+        sent = sanitised(Message(Error(code, reason), reply_to=message), message)
+        assert (sent.error.code, sent.error.reason) == (code, word)
+        assert b"secret" not in _wire(sent) and b"hiv" not in _wire(sent)
+        assert sent.metadata.reply_to_message_id == "m1"
+    update = Message(RecordDict({P.ARRAYS: ArrayRecord(), P.METRICS: MetricRecord({"x": 1})}),
+                     reply_to=message)
+    assert sanitised(update, message) is update  # an update passes as the app built it
 
 
 # --- the session's secret ----------------------------------------------------------------
@@ -270,4 +337,5 @@ def test_only_the_holder_of_the_session_secret_claims_tasks(superlink, tmp_path,
             for client in (no_secret, guessed, executor):
                 client.close()
     [reply] = json.loads(replies.read_text())
-    assert reply["error"]  # the holder of the secret pulled the message and pushed its reply
+    assert reply == {"error": True, "code": P.FAILED_DATA, "reason": "data", "content": None}
+    assert "secret" not in replies.read_text()
