@@ -1,14 +1,16 @@
-"""The fedrnn ClientApp: one site's train and evaluate handlers (Flower Message API).
+"""The fedrnn ClientApp: Flower's train and evaluate handlers around ``client.site``.
 
-A site receives the global weights and the run's config; it checks its privacy budget,
-charges the round to its ledger (durably, before training), trains with DP-SGD on its
-own records and replies with the trained weights and the metrics in ``shared.protocol``.
-The epsilon it reports is its total spend according to its ledger, across runs.
+A message brings the global weights and the server's run config; the handler finds out
+which site it runs at (from the node config, which only the site's own operator sets),
+hands the round to ``client.site`` and wraps its answer, or its refusal, in a reply.
 
-Where a site's data and ledger are is the site's business, given by its node config:
-a simulated site has a ``partition-id`` into the simulation's data; a deployed site
-(``fedrnn client``) has ``data`` (its records file), ``ledger``, ``name`` and optionally
-its own ``budget-epsilon``/``budget-delta``, which override whatever the server proposes.
+- A deployed site (``fedrnn client``: node config ``data``, ``ledger``, ``name`` and its
+  policy ``budget-epsilon``, ``budget-delta``, ``accountant``, ``eval-fraction``,
+  ``evaluate``) checks the proposal against its policy and replies to a refusal or a
+  failure with a reason code and nothing else (``shared.protocol.REASONS``); the full
+  text goes to its own log.
+- A simulated site (node config ``partition-id``) serves the partition its slot is given
+  and keeps its ledger in the run's ``ledger-dir``.
 
 The training code (``client.training``, with Opacus) is imported by the handlers, not
 here: a simulation's driver imports this module only to hand ``app`` to Flower's engine,
@@ -20,8 +22,8 @@ from __future__ import annotations
 
 import functools
 import json
-import math
-import secrets
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -29,97 +31,102 @@ from flwr.clientapp import ClientApp
 
 from client.faults import fault_mod
 from client.ledger import Ledger
+from client.policy import Declined, SitePolicy, check_proposal
+from client.randomness import SiteRandomness
+from client.site import SIMULATION_LEDGER, Site, evaluate_round, train_round
 from client.slots import partition_id
-from client.spending import BudgetExhausted, charge_round
+from client.spending import BudgetExhausted
 from shared import protocol as P
 from shared.config import RunConfig
-from shared.data import ClientData, client_data, site_data
+from shared.data import client_data, site_data
+from shared.errors import ConfigError, DataError
 from shared.models import SequenceModel, build_model
-from shared.privacy import calibrate_noise, sample_rate, steps_per_round
+
+log = logging.getLogger("fedrnn")
 
 app = ClientApp(mods=[fault_mod])  # fault_mod: injected faults of simulations only
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    # here, not at module level (module docstring), and before the ledger is charged
-    from client.training import train as train_local
+    def work(site: Site, config: RunConfig, server_round: int) -> RecordDict:
+        model = _global_model(config, msg)
+        metrics = train_round(site, config, server_round, model)
+        return RecordDict({P.ARRAYS: ArrayRecord(model.state_dict()),
+                           P.METRICS: MetricRecord(metrics)})
 
-    config, server_round = _run_config(msg, context)
-    data = _site_data(config, msg, context)
-    if "data" in context.node_config and not config.record_level:
-        # A deployed site never releases an update without its own DP, whatever the
-        # server asks: with dp off or dp-level user, its raw update would leave the site.
-        return Message(Error(P.DECLINED_POLICY, f"site {data.name} declined: it trains only "
-                             "with record-level DP (the server asked for "
-                             f"{'no DP' if not config.dp else 'dp-level ' + config.dp_level})"),
-                       reply_to=msg)
-    model = _global_model(config, msg)
-    sigma = noise_multiplier(config, n_records=len(data.train))
-    spent = math.inf
-    if sigma is not None:
-        planned = (sigma, sample_rate(len(data.train), config.batch_size),
-                   steps_per_round(len(data.train), config.batch_size, config.local_epochs))
-        with Ledger(ledger_path(config, context, data.name)) as ledger:
-            try:
-                spent = charge_round(ledger, fingerprint=data.fingerprint, site=data.name,
-                                     run_id=config.run_id, server_round=server_round,
-                                     planned=planned, config=config)
-            except BudgetExhausted as exc:
-                return Message(Error(P.DECLINED_BUDGET, str(exc)), reply_to=msg)
-    # Only now, with the release committed to the ledger, does training on the records start.
-    result = train_local(model, data.train, config, noise_multiplier=sigma,
-                         seed=_seed(config, msg, context, server_round))
-    if sigma is not None and result.history != [planned]:
-        # Never release an update whose mechanism differs from what was charged.
-        raise RuntimeError(f"DP-SGD ran {result.history}, but {planned} was charged")
-    metrics = {
-        P.NUM_EXAMPLES: len(data.train),
-        P.UNIT_WEIGHT: 1,
-        P.TRAIN_LOSS: result.loss,
-        P.STEPS: result.steps,
-        P.NOISE_MULTIPLIER: sigma or 0.0,
-        P.EPSILON: spent,
-    }
-    content = RecordDict({P.ARRAYS: ArrayRecord(model.state_dict()),
-                          P.METRICS: MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
+    return _handle(msg, context, work)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from client.training import evaluate as evaluate_local
+    def work(site: Site, config: RunConfig, server_round: int) -> RecordDict:
+        metrics = evaluate_round(site, config, server_round, _global_model(config, msg))
+        metrics[P.UNIT_WEIGHT] = 1
+        return RecordDict({P.METRICS: MetricRecord(metrics)})
 
-    config, _ = _run_config(msg, context)
-    data = _site_data(config, msg, context)
-    metrics = evaluate_local(_global_model(config, msg), data.eval, config)
-    metrics[P.UNIT_WEIGHT] = 1
-    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
-
-
-def noise_multiplier(config: RunConfig, *, n_records: int) -> float | None:
-    """The site's noise multiplier; None without DP.
-
-    Calibrated so that taking part in *every* planned round stays within the epsilon
-    target: the site does not control how often it is sampled, so it plans for the worst.
-    """
-    if not config.dp:
-        return None
-    if not config.calibrate_noise:
-        return config.noise_multiplier
-    steps = config.rounds * steps_per_round(n_records, config.batch_size, config.local_epochs)
-    return calibrate_noise(target_epsilon=config.epsilon, delta=config.delta,
-                           sample_rate=sample_rate(n_records, config.batch_size), steps=steps,
-                           accountant=config.accountant)
+    return _handle(msg, context, work)
 
 
-def _run_config(msg: Message, context: Context) -> tuple[RunConfig, int]:
+def _handle(msg: Message, context: Context,
+            work: Callable[[Site, RunConfig, int], RecordDict]) -> Message:
+    """Run ``work`` at this node's site; any refusal or failure becomes an error reply:
+    a code word only from a deployed site, the text too from a simulated one."""
+    deployed = "data" in context.node_config
+    try:
+        if deployed:
+            site, config, server_round = _deployed_site(msg, context)
+        else:
+            site, config, server_round = _simulated_site(msg, context)
+        return Message(content=work(site, config, server_round), reply_to=msg)
+    except Declined as exc:
+        code, text = exc.code, str(exc)
+    except BudgetExhausted as exc:
+        code, text = P.DECLINED_BUDGET, str(exc)
+    except DataError as exc:
+        code, text = P.FAILED_DATA, str(exc)
+    except Exception as exc:  # the site's own failure: the server learns only that it failed
+        code, text = P.FAILED_INTERNAL, f"{type(exc).__name__}: {exc}"
+        log.debug("%s failed", msg.metadata.message_type, exc_info=True)
+    level = logging.INFO if code in (P.DECLINED_BUDGET, P.DECLINED_POLICY) else logging.ERROR
+    if deployed:
+        log.log(level, "%s %s (%s): %s", msg.metadata.message_type,
+                "declined" if level == logging.INFO else "failed", P.REASONS[code], text)
+    return Message(Error(code, P.REASONS[code] if deployed else text), reply_to=msg)
+
+
+def _deployed_site(msg: Message, context: Context) -> tuple[Site, RunConfig, int]:
+    try:
+        policy = SitePolicy.from_node_config(context.node_config)
+        proposal, server_round = _run_config(msg)
+    except (ValueError, ConfigError) as exc:
+        raise Declined(P.DECLINED_POLICY, f"declined the run: {exc}") from None
+    config = check_proposal(proposal, policy)
+    ledger = Path(str(context.node_config["ledger"])).expanduser()
+    with Ledger(ledger) as book:
+        secret = book.split_key
+    name = str(context.node_config.get("name", "")) or Path(
+        str(context.node_config["data"])).stem
+    data = site_data(config, str(context.node_config["data"]), name=name, secret=secret,
+                     eval_fraction=policy.eval_fraction)
+    # noise and batches from the operating system's entropy, never from the server's seed
+    return (Site(name=data.name, data=data, ledger=ledger, policy=policy,
+                 randomness=SiteRandomness.from_os()), config, server_round)
+
+
+def _simulated_site(msg: Message, context: Context) -> tuple[Site, RunConfig, int]:
+    config, server_round = _run_config(msg)
+    partition = partition_id(msg, context)
+    data = client_data(config, partition)
+    return (Site(name=data.name, data=data, ledger=config.ledger_root / SIMULATION_LEDGER,
+                 randomness=SiteRandomness.from_seed(config.seed, partition, server_round)),
+            config, server_round)
+
+
+def _run_config(msg: Message) -> tuple[RunConfig, int]:
     values = dict(msg.content[P.CONFIG])
     server_round = int(values.pop(P.ROUND, 0))
     values.pop(P.PARTITIONS, None)  # simulation slots: read by ``partition_id``
-    for key in ("budget-epsilon", "budget-delta"):  # the site's own limits win
-        if key in context.node_config:
-            values[key] = float(context.node_config[key])
     return _parsed(json.dumps(values, sort_keys=True)), server_round
 
 
@@ -130,31 +137,7 @@ def _parsed(values: str) -> RunConfig:
     return RunConfig.from_flat(json.loads(values))
 
 
-def _site_data(config: RunConfig, msg: Message, context: Context) -> ClientData:
-    if "data" in context.node_config:
-        return site_data(config, str(context.node_config["data"]),
-                         name=str(context.node_config.get("name", "")))
-    return client_data(config, partition_id(msg, context))
-
-
 def _global_model(config: RunConfig, msg: Message) -> SequenceModel:
     model = build_model(config)
     model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict())
     return model
-
-
-def ledger_path(config: RunConfig, context: Context, site: str) -> Path:
-    """A deployed site names its ledger (node config ``ledger``); a simulated one keeps
-    it in ``ledger-dir`` (default ``<out>/ledgers``), one file per site."""
-    if "ledger" in context.node_config:
-        return Path(str(context.node_config["ledger"])).expanduser()
-    return config.ledger_root / f"{site}.sqlite"
-
-
-def _seed(config: RunConfig, msg: Message, context: Context, server_round: int) -> int:
-    """Simulations are reproducible from the run's seed. A deployed site seeds from the OS:
-    the run's seed is the server's, and noise the server can regenerate protects nothing."""
-    if "data" in context.node_config:
-        return secrets.randbits(31)
-    return (config.seed * 1_000_003 + partition_id(msg, context) * 10_007
-            + server_round) % 2**31

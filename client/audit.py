@@ -1,10 +1,12 @@
 """``fedrnn audit``: what every site has spent, recomputed from its ledger.
 
 Input: a run directory (its ledgers and its user-level record), one ledger file, or a
-directory of ledger files. For each site (each data fingerprint in a ledger) the spend
-is recomputed from the stored history by two accountants: RDP (an upper bound) and PRV
-(an estimate within ``PRV_EPS_ERROR``). Were PRV's estimate, less its error, above the
-RDP bound, one of them would be wrong: such rows are flagged.
+directory of ledger files. For each site in a ledger, its spend is the largest loss of
+any of its records (what the budget bounds), recomputed from the releases that record
+took part in (``history``) by two accountants: RDP (an upper bound) and PRV (an estimate
+within ``PRV_EPS_ERROR``). Were PRV's estimate, less its error, above the RDP bound, one
+of them would be wrong: such rows are flagged. Every change of the site's budget is
+listed with who made it (``site``: lowered by its policy; ``set-budget``: by hand).
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ PRV_EPS_ERROR = 0.01  # Opacus's default accuracy of the PRV accountant
 class SiteSpend:
     client: str
     ledger: str
-    fingerprint: str
+    records: int  # records the site has ever used in a release
+    records_at_max: int  # how many of them have lost ``epsilon``
     accountant: str
     delta: float
     budget_epsilon: float | None
     history: History
     clip_norms: list[float]
     runs: list[str]
+    purposes: list[str] = field(default_factory=list)  # per history entry: train / evaluate
+    budget_changes: list[dict[str, Any]] = field(default_factory=list)
     epsilon: float = 0.0  # by ``accountant``
     epsilon_rdp: float = 0.0
     epsilon_prv: float = 0.0
@@ -54,7 +59,9 @@ class SiteSpend:
                         for s, q, n in self.history],
             "epsilon_rdp": self.epsilon_rdp, "epsilon_prv": self.epsilon_prv,
             "accountants_disagree": self.disagree, "clip_norms": self.clip_norms,
-            "runs": self.runs, "ledger": self.ledger, "fingerprint": self.fingerprint,
+            "runs": self.runs, "ledger": self.ledger, "records": self.records,
+            "records_at_max": self.records_at_max, "purposes": self.purposes,
+            "budget_changes": self.budget_changes,
         }
 
 
@@ -100,22 +107,29 @@ def _read_ledger(path: Path) -> list[SiteSpend]:
     with Ledger(path) as ledger:
         if not ledger.check_integrity():
             raise FedrnnError(f"{path}: the ledger fails SQLite's integrity check")
-        fingerprints = ledger.fingerprints()
+        budget = ledger.budget()
+        accountant = budget.accountant if budget else "rdp"
+        delta = budget.delta if budget else 1e-5
+        changes = [{"epsilon": b.epsilon, "delta": b.delta, "accountant": b.accountant,
+                    "source": b.source, "at": b.created_at} for b in ledger.budget_changes()]
         sites = []
-        for fp in fingerprints:
-            charges = ledger.charges(fp)
-            budget = ledger.budget(fp)
-            name = charges[0].site if charges else path.stem
-            if len(fingerprints) > 1:
-                name = f"{name} ({fp[:8]})"
-            accountant = budget.accountant if budget else "rdp"
-            delta = budget.delta if budget else (charges[-1].delta if charges else 1e-5)
-            history = [(c.noise_multiplier, c.sample_rate, c.steps) for c in charges]
+        for name in ledger.sites() or [path.stem]:
+            cohorts = ledger.cohorts_of_site(name)
+            spends = {c: epsilon(ledger.history(c), delta=delta, accountant=accountant)
+                      for c in cohorts}
+            worst = max(spends, key=lambda c: (spends[c], len(ledger.history(c))),
+                        default=None)
+            releases = ledger.releases_of(worst)
+            history = [r.entry for r in releases]
             site = SiteSpend(
-                client=name, ledger=str(path), fingerprint=fp, accountant=accountant,
-                delta=delta, budget_epsilon=budget.epsilon if budget else None,
-                history=history, clip_norms=sorted({c.clip_norm for c in charges}),
-                runs=list(dict.fromkeys(c.run_id for c in charges)))
+                client=name, ledger=str(path), records=sum(cohorts.values()),
+                records_at_max=sum(n for c, n in cohorts.items()
+                                   if worst is not None and spends[c] == spends[worst]),
+                accountant=accountant, delta=delta,
+                budget_epsilon=budget.epsilon if budget else None, history=history,
+                clip_norms=sorted({r.clip_norm for r in releases}),
+                runs=list(dict.fromkeys(r.run_id for r in ledger.releases(name))),
+                purposes=[r.purpose for r in releases], budget_changes=changes)
             site.epsilon = epsilon(history, delta=delta, accountant=accountant)
             site.epsilon_rdp = epsilon(history, delta=delta, accountant="rdp")
             site.epsilon_prv = epsilon(history, delta=delta, accountant="prv")
@@ -127,7 +141,7 @@ def _read_ledger(path: Path) -> list[SiteSpend]:
 
 def table(result: Audit) -> str:
     """The audit as a fixed-width text table."""
-    header = ("site", "epsilon", "rdp", "prv", "delta", "budget", "used", "rounds",
+    header = ("site", "epsilon", "rdp", "prv", "delta", "budget", "used", "records", "releases",
               "noise mult.", "sample rate", "clip", "")
     rows = [header]
     for s in result.sites:
@@ -137,7 +151,7 @@ def table(result: Audit) -> str:
             s.client, f"{s.epsilon:.3f}", f"{s.epsilon_rdp:.3f}", f"{s.epsilon_prv:.3f}",
             f"{s.delta:g}", "-" if s.budget_epsilon is None else f"{s.budget_epsilon:g}",
             "-" if s.share_used is None else f"{100 * s.share_used:.0f}%",
-            str(len(s.history)), ", ".join(f"{n:g}" for n in noises) or "-",
+            str(s.records), str(len(s.history)), ", ".join(f"{n:g}" for n in noises) or "-",
             ", ".join(f"{r:g}" for r in rates) or "-",
             ", ".join(f"{c:g}" for c in s.clip_norms) or "-",
             "ACCOUNTANTS DISAGREE" if s.disagree else ""))
@@ -145,6 +159,12 @@ def table(result: Audit) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths).rstrip())
+    raised = {(c["at"], c["epsilon"], c["delta"], c["source"]) for s in result.sites
+              for c in s.budget_changes}
+    for at, eps, delta, source in sorted(raised):
+        who = "raised by hand (fedrnn ledger set-budget)" if source == "set-budget" else \
+            "set by the site's policy"
+        lines.append(f"budget epsilon {eps:g}, delta {delta:g} from {at}: {who}")
     if result.user_level:
         u = result.user_level
         lines.append(f"\nuser-level (whole-site) DP: epsilon {u['epsilon']:.3f} at delta "

@@ -83,12 +83,15 @@ class SiteOptions:
     max_wait: float = 0.0  # give up connecting after this many seconds (0: keep trying)
 
     def node_config(self) -> str:
-        values = {"data": str(self.data), "ledger": str(self.ledger), "name": self.name,
+        # Flower parses node config as TOML values: strings quoted, numbers bare.
+        return " ".join(f"{k}={_toml_value(v)}" for k, v in self.node_config_values().items())
+
+    def node_config_values(self) -> dict[str, str | float | bool]:
+        """The site's records, ledger and policy, as its ClientApp reads them."""
+        return {"data": str(self.data), "ledger": str(self.ledger), "name": self.name,
                   "budget-epsilon": self.budget_epsilon, "budget-delta": self.budget_delta,
                   "accountant": self.accountant, "eval-fraction": self.eval_fraction,
                   "evaluate": self.evaluate}
-        # Flower parses node config as TOML values: strings quoted, numbers bare.
-        return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
 
 
 def _toml_value(value: object) -> str:
@@ -222,7 +225,7 @@ def _session(options: SiteOptions) -> _SuperNodeLog:
         watcher = _SuperNodeLog(supernode)
         watcher.start()
         try:
-            _serve(port, supernode, secret)
+            _serve(port, supernode, secret, options.node_config_values())
         finally:
             stop(supernode)
             watcher.join(timeout=5)
@@ -316,8 +319,10 @@ def executor_client(runtime_address: str, secret: bytes) -> RuntimeHttpClient:
                                                    protected_methods=SIGNED_METHODS)])
 
 
-def _serve(port: int, supernode: subprocess.Popen, secret: bytes) -> None:
-    """Claim and run the SuperNode's tasks while it lives."""
+def _serve(port: int, supernode: subprocess.Popen, secret: bytes,
+           node_config: dict | None = None) -> None:
+    """Claim and run the SuperNode's tasks while it lives; ``node_config``: the site's own
+    (see ``run_task``)."""
     import httpx
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
@@ -341,7 +346,8 @@ def _serve(port: int, supernode: subprocess.Popen, secret: bytes) -> None:
                 continue
             if response.HasField("task") and response.token:
                 try:
-                    run_task(runtime_address, response.token, supernode)
+                    run_task(runtime_address, response.token, supernode,
+                             node_config=node_config)
                 except Exception:
                     if supernode.poll() is None:
                         raise
@@ -355,7 +361,8 @@ def _serve(port: int, supernode: subprocess.Popen, secret: bytes) -> None:
         runtime.close()
 
 
-def run_task(runtime_address: str, token: str, supernode: subprocess.Popen) -> None:
+def run_task(runtime_address: str, token: str, supernode: subprocess.Popen, *,
+             node_config: dict | None = None) -> None:
     """Run one claimed task (one message) through fedrnn's ClientApp, in this process.
 
     Mirrors ``flwr.supernode.runtime.run_clientapp`` minus its per-process parts (FAB
@@ -395,6 +402,11 @@ def run_task(runtime_address: str, token: str, supernode: subprocess.Popen) -> N
     status, details = SubStatus.FAILED, P.REASON_INTERNAL
     try:
         message, context, _run, _fab = pull_task_input(client)
+        if node_config is not None:
+            # The site's records, ledger and budget are what this process was started with,
+            # never what the local API hands back: a local user who bound the SuperNode's
+            # port first could otherwise point the site at a ledger with no budget.
+            context.node_config = dict(node_config)
         started = time.monotonic()
         try:
             reply = client_app(message=message, context=context)

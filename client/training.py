@@ -39,7 +39,7 @@ class TrainResult:
 
 
 def train(model: SequenceModel, data: SequenceTensors, config: RunConfig, *,
-          noise_multiplier: float | None, seed: int) -> TrainResult:
+          noise_multiplier: float | None, randomness) -> TrainResult:  # noqa: ANN001
     """Train ``model`` in place for ``config.local_epochs`` on ``data``.
 
     ``noise_multiplier`` None trains without DP (``--no-dp`` baselines). Otherwise every
@@ -47,6 +47,7 @@ def train(model: SequenceModel, data: SequenceTensors, config: RunConfig, *,
     gradient to ``config.clip_norm`` and adds noise of std ``noise_multiplier * clip_norm``.
     """
     reuse_freed_memory()  # per-sample gradients: see shared.memory
+    seed = randomness.torch_seed()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout and Opacus's noise draw from the global generator
     loader = DataLoader(data.dataset(), batch_size=config.batch_size, shuffle=True,

@@ -285,6 +285,28 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ledger_set_budget(args: argparse.Namespace) -> int:
+    from client.ledger import Budget, Ledger
+    from client.policy import OFFERED_ACCOUNTANTS
+
+    if not (0 < args.epsilon < math.inf and 0 < args.delta < 1):
+        raise ConfigError("--epsilon must be a positive number and --delta in (0, 1)")
+    if args.accountant is not None and args.accountant not in OFFERED_ACCOUNTANTS:
+        raise ConfigError(f"--accountant must be one of {', '.join(OFFERED_ACCOUNTANTS)}")
+    path = Path(args.ledger)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such ledger (a site's ledger is created by its first "
+                          "round; set its budget with fedrnn client --budget-epsilon)")
+    with Ledger(path) as ledger:
+        before = ledger.budget()
+        accountant = args.accountant or (before.accountant if before else "rdp")
+        ledger.set_budget(Budget(args.epsilon, args.delta, accountant, source="set-budget"))
+    was = f"epsilon {before.epsilon:g}, delta {before.delta:g}" if before else "none"
+    print(f"{path}: budget epsilon {args.epsilon:g}, delta {args.delta:g} ({accountant}); "
+          f"was {was}. Recorded in the ledger; fedrnn audit {path} shows it.")
+    return 0
+
+
 def _cmd_bench_dp_step(args: argparse.Namespace) -> int:
     from simulations.bench import StepSpec, main_dp_step
 
@@ -453,6 +475,27 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--plot", metavar="FILE.png", help="epsilon against round per site")
     aud.add_argument("--html", metavar="FILE", help="a self-contained report to file")
     aud.set_defaults(func=_cmd_audit)
+
+    ledger = sub.add_parser("ledger", help="a site's privacy ledger: set its budget by hand",
+                            description="Acts on a site's own ledger file, on the site's "
+                            "host. A run can lower a site's stored budget, never raise it; "
+                            "raising it is this explicit act, recorded in the ledger and "
+                            "shown by fedrnn audit.")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+    set_budget = ledger_sub.add_parser(
+        "set-budget", help="set (raise or lower) the budget stored in a ledger",
+        description="Store a new (epsilon, delta) budget in LEDGER. Every record's loss so far "
+        "stays; records whose loss is below the new budget may train again.",
+        epilog="example:\n  fedrnn ledger set-budget site.sqlite --epsilon 10 --delta 1e-5",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    set_budget.add_argument("ledger", metavar="LEDGER", help="the site's ledger file")
+    set_budget.add_argument("--epsilon", type=float, required=True, metavar="E",
+                            help="the most epsilon any record may lose, across all runs")
+    set_budget.add_argument("--delta", type=float, required=True, metavar="D",
+                            help="the delta the site accounts at")
+    set_budget.add_argument("--accountant", choices=("rdp", "prv"),
+                            help="the site's accountant (default: the ledger's)")
+    set_budget.set_defaults(func=_cmd_ledger_set_budget)
 
     bench = sub.add_parser("bench", help="measure speed (benchmarks, never timed tests)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")

@@ -206,3 +206,36 @@ def _calibrate_rdp(target: float, delta: float, q: float, steps: int) -> float:
         else:
             sigma_low = sigma
     return float(sigma_high)
+
+
+def calibrate_after(history: History, *, target_epsilon: float, delta: float,
+                    sample_rate: float, steps: int, accountant: str = "rdp") -> float | None:
+    """Smallest noise multiplier (within 0.01 in epsilon, as ``calibrate_noise``) whose
+    ``steps`` releases at ``sample_rate``, after ``history``, stay within ``target_epsilon``;
+    None when ``history`` alone leaves no room. Without a history: ``calibrate_noise``."""
+    if not history:
+        try:
+            return calibrate_noise(target_epsilon=target_epsilon, delta=delta,
+                                   sample_rate=sample_rate, steps=steps, accountant=accountant)
+        except ValueError:  # Opacus: "The privacy budget is too low."
+            return None
+    from opacus.accountants.utils import MAX_SIGMA
+
+    def eps(sigma: float) -> float:
+        return epsilon([*history, (sigma, sample_rate, steps)], delta=delta,
+                       accountant=accountant)
+
+    if epsilon(history, delta=delta, accountant=accountant) >= target_epsilon:
+        return None
+    low, high = 0.0, 10.0
+    while eps(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > MAX_SIGMA:
+            return None
+    while high - low > 1e-3 * high:
+        middle = (low + high) / 2
+        if eps(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return float(high)

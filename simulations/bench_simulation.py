@@ -66,15 +66,13 @@ def plain_main() -> None:
     started = time.perf_counter()
     import torch
 
-    from client.app import noise_multiplier
-    from client.ledger import Ledger
-    from client.spending import charge_round
-    from client.training import evaluate, train
+    from client.randomness import SiteRandomness
+    from client.site import SIMULATION_LEDGER, Site, train_round
+    from client.training import evaluate
     from server.sampling import ClientSampler
     from shared.config import RunConfig
     from shared.data import client_data, resolve
     from shared.models import build_model
-    from shared.privacy import sample_rate, steps_per_round
 
     torch.set_num_threads(1)
     workload, work = json.loads(sys.argv[1]), Path(sys.argv[2])
@@ -92,16 +90,12 @@ def plain_main() -> None:
             data = client_data(config, pid)
             local = build_model(config)
             local.load_state_dict(state)
-            sigma = noise_multiplier(config, n_records=len(data.train))
-            planned = (sigma, sample_rate(len(data.train), config.batch_size),
-                       steps_per_round(len(data.train), config.batch_size, config.local_epochs))
-            with Ledger(config.ledger_root / f"{data.name}.sqlite") as ledger:
-                charge_round(ledger, fingerprint=data.fingerprint, site=data.name,
-                             run_id=config.run_id, server_round=server_round,
-                             planned=planned, config=config)
-            train(local, data.train, config, noise_multiplier=sigma,
-                  seed=config.seed * 1_000_003 + pid * 10_007 + server_round)
-            updates.append((len(data.train), local.state_dict()))
+            # the simulated site's own round, as its ClientApp runs it, without Flower
+            site = Site(name=data.name, data=data,
+                        ledger=config.ledger_root / SIMULATION_LEDGER,
+                        randomness=SiteRandomness.from_seed(config.seed, pid, server_round))
+            metrics = train_round(site, config, server_round, local)
+            updates.append((metrics["num-examples"], local.state_dict()))
         total = sum(n for n, _ in updates)
         state = {k: sum(n * s[k] for n, s in updates) / total for k in state}
         t1 = time.perf_counter()

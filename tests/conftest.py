@@ -47,3 +47,15 @@ def independent_rdp_epsilon(history, delta: float) -> float:
 @pytest.fixture
 def rdp_reference():
     return independent_rdp_epsilon
+
+
+def releases_by_site(ledger_dir: Path) -> dict[str, list]:
+    """Every release in a simulation's ledger, by site (rounds, with their parameters)."""
+    from client.ledger import Ledger
+
+    rows: dict[str, list] = {}
+    for path in sorted(Path(ledger_dir).glob("*.sqlite")):
+        with Ledger(path) as ledger:
+            for release in ledger.releases():
+                rows.setdefault(release.site, []).append(release)
+    return rows

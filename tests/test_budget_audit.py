@@ -5,7 +5,7 @@ import json
 import dp_accounting
 import pytest
 
-from client.ledger import Budget, Charge, Ledger
+from client.ledger import Budget, Ledger, Release
 from shared.cli import main
 
 
@@ -70,11 +70,16 @@ def test_audit_json_recomputes_from_its_own_history(tmp_path, capsys, rdp_refere
     histories = {"site-a": [(1.2, 0.05, 20)] * 5, "site-b": [(0.9, 0.1, 10), (1.5, 0.1, 10)]}
     for site, history in histories.items():
         with Ledger(ledgers / f"{site}.sqlite") as ledger:
-            ledger.set_budget(f"fp-{site}", Budget(6.0, 1e-5, "rdp"))
+            ledger.set_budget(Budget(6.0, 1e-5, "rdp"))
             for r, (sigma, q, steps) in enumerate(history, start=1):
-                ledger.charge(Charge(fingerprint=f"fp-{site}", site=site, run_id="run-1",
-                                     round=r, mechanism="dp-sgd", noise_multiplier=sigma,
-                                     sample_rate=q, steps=steps, clip_norm=1.0, delta=1e-5))
+                # a record that took part in every release, and one only in the first
+                keys = ["a", "b"] if r == 1 else ["a"]
+                with ledger.transaction():
+                    ledger.record_release(
+                        Release(site=site, run_id="run-1", round=r, purpose="train",
+                                mechanism="dp-sgd", noise_multiplier=sigma, sample_rate=q,
+                                steps=steps, clip_norm=1.0, delta=1e-5),
+                        ledger.cohorts_of(keys))
     plot = tmp_path / "eps.png"
     report = tmp_path / "audit.html"
     assert main(["audit", str(ledgers), "--json", "--plot", str(plot),
@@ -85,7 +90,8 @@ def test_audit_json_recomputes_from_its_own_history(tmp_path, capsys, rdp_refere
     for client in out["clients"]:
         history = [(h["noise_multiplier"], h["sample_rate"], h["steps"])
                    for h in client["history"]]
-        assert history == histories[client["client"]]
+        assert history == histories[client["client"]]  # the record that lost the most
+        assert client["records"] == 2
         assert client["rounds"] == len(history) and client["budget_epsilon"] == 6.0
         assert client["epsilon"] == pytest.approx(rdp_reference(history, client["delta"]), rel=0.01)
         assert not client["accountants_disagree"]

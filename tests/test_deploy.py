@@ -85,7 +85,8 @@ def _charges(ledger: Path) -> list[int]:
         return []
     with sqlite3.connect(ledger) as db:
         try:
-            return [r[0] for r in db.execute("SELECT round FROM charges ORDER BY id")]
+            return [r[0] for r in db.execute("SELECT round FROM releases WHERE purpose = "
+                                             "'train' ORDER BY id")]
         except sqlite3.OperationalError:  # created, tables not yet there
             return []
 
@@ -147,7 +148,7 @@ def test_split_writes_files_a_site_reads_back(tmp_path):
     assert sum(len(read_file(f)) for f in files) == 90
     from shared.data import resolve
 
-    data = site_data(resolve(config), files[0])
+    data = site_data(resolve(config), files[0], secret=b"k" * 32, eval_fraction=0.2)
     assert len(data.train) + len(data.eval) == 30
 
 
@@ -205,7 +206,7 @@ def test_server_refuses_bad_settings_before_starting(tmp_path, capsys):
     assert "ca.crt" in capsys.readouterr().err
 
 
-def test_tls_auth_three_sites_complete_a_run(deployment):
+def test_tls_auth_three_sites_complete_a_run(deployment, capsys):
     tmp, start = deployment
     port = _free_port()
     out = tmp / "run"
@@ -229,23 +230,27 @@ def test_tls_auth_three_sites_complete_a_run(deployment):
         assert "Traceback" not in proc.output
         assert _charges(tmp / "site-0.sqlite") == []
 
+    # site 2 allows far less than the run asks for (epsilon 8): it calibrates its noise
+    # to its own budget; site 1 declines to evaluate
     sites = [start(f"site-{i}", *_client(tmp, i, port, "--auth-key",
                                          str(tmp / "certs" / f"site-{i + 1}.key"),
-                                         *(["--budget-epsilon", "0.05"] if i == 2 else [])))
+                                         *(["--budget-epsilon", "0.5"] if i == 2 else []),
+                                         *(["--no-evaluate"] if i == 1 else [])))
              for i in range(3)]
     assert server.wait(300) == 0, server.output[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["clients"] == 2 and r["declined"] == 1 for r in rows)
+    assert all(r["clients"] == 3 and r["declined"] == 0 for r in rows)
     assert {"summary.json", "model.pt", "metrics.png", "config.toml"} <= {
         p.name for p in out.iterdir()}
     assert not (out / "checkpoint.pt").exists()
-    # each site's own ledger shows its spend; the site without budget spent nothing
-    assert _charges(tmp / "site-0.sqlite") == [1, 2]
-    assert _charges(tmp / "site-1.sqlite") == [1, 2]
-    assert _charges(tmp / "site-2.sqlite") == []
-    sites[2].wait_for("declined")
-    assert main(["audit", str(tmp / "site-0.sqlite")]) == 0
+    # each site's own ledger shows its spend, within its own budget
+    for i in range(3):
+        assert _charges(tmp / f"site-{i}.sqlite") == [1, 2]
+    sites[1].wait_for("evaluation is off")
+    assert main(["audit", str(tmp / "site-2.sqlite"), "--json"]) == 0
+    spent = json.loads(capsys.readouterr().out)["clients"][0]
+    assert 0 < spent["epsilon"] <= 0.5 and spent["budget_epsilon"] == 0.5
     assert "final:" in server.output and "Traceback" not in server.output
 
 

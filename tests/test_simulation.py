@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import releases_by_site
 
 from shared.cli import main
 from shared.models import load_trained
@@ -41,9 +42,10 @@ def test_simulate_synthetic_classify_with_dp(tmp_path, capsys):
     assert summary["privacy"]["delta"] == 1e-5 and summary["privacy"]["accountant"] == "rdp"
     assert (out / "metrics.png").stat().st_size > 0
     assert not list(out.glob(".*.tmp"))  # every file renamed into place whole
-    # default ledgers: one per site beside the run, recorded as an absolute path
-    assert sorted(p.name for p in (out / "ledgers").glob("*.sqlite")) == [
-        "site-0.sqlite", "site-1.sqlite", "site-2.sqlite"]
+    # the default ledger beside the run, one for every simulated site, recorded as an
+    # absolute path
+    assert [p.name for p in (out / "ledgers").glob("*.sqlite")] == ["sites.sqlite"]
+    assert sorted(releases_by_site(out / "ledgers")) == ["site-0", "site-1", "site-2"]
     assert summary["privacy"]["ledger_dir"] == str((out / "ledgers").resolve())
     model, config = load_trained(out)
     assert config.rounds == 2 and config.labels == "neg,pos"
@@ -87,13 +89,7 @@ def test_bad_flag_is_a_usage_error(capsys):
 
 
 def _ledger_rows(ledger_dir):
-    from client.ledger import Ledger
-
-    rows = {}
-    for path in sorted(ledger_dir.glob("*.sqlite")):
-        with Ledger(path) as ledger:
-            rows[path.stem] = ledger.charges()
-    return rows
+    return releases_by_site(ledger_dir)
 
 
 def test_budget_carries_across_runs_on_the_same_ledgers(tmp_path, capsys):
@@ -110,7 +106,7 @@ def test_budget_carries_across_runs_on_the_same_ledgers(tmp_path, capsys):
     captured = capsys.readouterr()
     assert _ledger_rows(ledgers) == first  # nothing more was charged or trained
     assert "ran out of privacy budget" in captured.out
-    assert "declined round 1" in captured.err
+    assert "has spent its budget" in captured.err
     rows = _rows(tmp_path / "second")
     assert rows[0]["clients"] == 0 and rows[0]["declined"] == 2
     assert len(rows) == 1  # the run stopped once every site was out of budget

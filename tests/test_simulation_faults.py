@@ -2,7 +2,8 @@
 
 import json
 
-from client.ledger import Ledger
+from conftest import releases_by_site
+
 from shared.cli import main
 
 COMMON = ["simulate", "--dataset", "synthetic", "--clients", "6", "--clients-per-round", "3",
@@ -14,11 +15,8 @@ def _rows(out):
 
 
 def _charged_rounds(out):
-    charged = {}
-    for path in sorted((out / "ledgers").glob("*.sqlite")):
-        with Ledger(path) as ledger:
-            charged[path.stem] = [c.round for c in ledger.charges()]
-    return charged
+    return {site: [r.round for r in releases]
+            for site, releases in releases_by_site(out / "ledgers").items()}
 
 
 def test_same_seed_same_sites_and_metrics(tmp_path):

@@ -4,13 +4,16 @@ Public surface:
 - ``resolve(config)``: check the data against the task; fill ``labels``/``features``;
 - ``partition_corpus(config)``: client names and their record indices (simulation);
 - ``client_data(config, partition_id)``: one client's train/eval tensors, cached per process;
-- ``site_data(config, path)``: a deployed site's train/eval tensors from its own file.
+- ``site_data(config, path, secret=..., eval_fraction=...)``: a deployed site's train/eval
+  tensors from its own file, split by the site's own key.
+
+Every client's records carry their keys (``shared.data.identity``): what the ledger
+charges, record by record.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,8 @@ import torch
 from shared.config import RunConfig
 from shared.data.builtin import load_builtin
 from shared.data.corpus import Corpus
-from shared.data.partition import is_holdout_client, partition, train_eval_split
+from shared.data.identity import held_out, record_keys, seeded_secret
+from shared.data.partition import is_holdout_client, partition
 from shared.data.readers import read_file
 from shared.data.tensors import SequenceTensors, encode_series, encode_text, local_scaling
 from shared.data.tokenizers import make_tokenizer
@@ -101,20 +105,25 @@ def _check_subset(source: str, what: str, found: list[str], allowed: list[str]) 
                                 f"{what}s {', '.join(allowed)}")
 
 
-def site_data(config: RunConfig, path: str | Path, *, name: str = "") -> ClientData:
+def site_data(config: RunConfig, path: str | Path, *, name: str = "", secret: bytes,
+              eval_fraction: float) -> ClientData:
     """A deployed site's tensors: every record in its own file is its own (a ``client``
     column, if present, is ignored). Read once per process and reused across rounds.
 
-    The run's schema comes from the server: a file whose kind, feature columns or labels
-    do not fit it is refused with a message naming the file.
+    The split is the site's: record by record, by ``secret`` (kept in its ledger) and its
+    own ``eval_fraction``; nothing the server sends moves a record across it. The run's
+    schema comes from the server: a file whose kind, feature columns or labels do not fit
+    it is refused with a message naming the file.
     """
     path = Path(path).expanduser().resolve()
     stamp = path.stat().st_mtime_ns if path.exists() else 0
-    return _site_data_cached(_data_only(config), str(path), stamp, name or path.stem)
+    return _site_data_cached(_data_only(config), str(path), stamp, name or path.stem, secret,
+                             eval_fraction)
 
 
 @functools.lru_cache(maxsize=2)
-def _site_data_cached(config: RunConfig, path: str, _mtime: int, name: str) -> ClientData:
+def _site_data_cached(config: RunConfig, path: str, _mtime: int, name: str, secret: bytes,
+                      eval_fraction: float) -> ClientData:
     corpus = _read_cached(path, _mtime)
     if corpus.kind == "series" and not config.features:
         raise DataError(path, "holds numeric sequences, but the server's run is on text "
@@ -127,11 +136,14 @@ def _site_data_cached(config: RunConfig, path: str, _mtime: int, name: str) -> C
     if len(every) < 2:
         raise DataError(path, f"holds {len(every)} record(s); a site needs at least 2 "
                               "(one to train on, one to evaluate)")
-    train_idx, eval_idx = train_eval_split(every, eval_fraction=config.eval_fraction,
-                                           seed=config.seed)
-    train, evaluation = encode_split(corpus, config, train_idx, eval_idx)
-    return ClientData(name=name, train=train, eval=evaluation,
-                      fingerprint=fingerprint(corpus, every))
+    keys = _keys_cached(path, _mtime)
+    evaluating = held_out(keys, secret=secret, eval_fraction=eval_fraction)
+    return _client(corpus, config, name, keys, every[~evaluating], every[evaluating])
+
+
+@functools.lru_cache(maxsize=2)
+def _keys_cached(path: str, _mtime: int) -> list[str]:
+    return record_keys(_read_cached(path, _mtime))
 
 
 def partition_corpus(config: RunConfig) -> tuple[list[str], list[np.ndarray]]:
@@ -150,26 +162,17 @@ class ClientData:
     name: str
     train: SequenceTensors
     eval: SequenceTensors
-    fingerprint: str  # of the site's records (not of their encoding): its ledger key
+    # each record's key (shared.data.identity), aligned with train / eval: its ledger entry
+    train_keys: list[str]
+    eval_keys: list[str]
 
-
-def fingerprint(corpus: Corpus, indices: np.ndarray) -> str:
-    """SHA-256 of a site's records as read (content, times, labels), in record order.
-
-    Settings that change only the encoding (max-len, tokenizer) keep the fingerprint, so
-    they cannot be used to start a fresh budget on the same records.
-    """
-    digest = hashlib.sha256(corpus.kind.encode())
-    for i in np.sort(indices):
-        if corpus.kind == "text":
-            digest.update(corpus.texts[i].encode("utf-8"))
-        else:
-            digest.update(np.ascontiguousarray(corpus.values[i], dtype=np.float64).tobytes())
-            digest.update(np.ascontiguousarray(corpus.times[i], dtype=np.float64).tobytes())
-        if corpus.labels is not None:
-            digest.update(str(corpus.labels[i]).encode("utf-8"))
-        digest.update(b"\x1e")
-    return digest.hexdigest()[:32]
+    def active(self, keys: set[str], part: str = "train") -> SequenceTensors:
+        """The records of ``part`` whose key is in ``keys`` (those the ledger lets train)."""
+        tensors, own = (self.train, self.train_keys) if part == "train" else (self.eval,
+                                                                               self.eval_keys)
+        if len(keys) == len(own):
+            return tensors
+        return tensors.subset(np.array([k in keys for k in own], dtype=bool))
 
 
 def client_data(config: RunConfig, partition_id: int) -> ClientData:
@@ -194,19 +197,29 @@ def _client_data_cached(config: RunConfig, partition_id: int) -> ClientData:
     if not 0 <= partition_id < len(parts):
         raise DataError(corpus.source, f"client {partition_id} requested but the data has "
                                        f"{len(parts)} clients")
-    if len(parts[partition_id]) == 1:  # one record: the whole client trains or evaluates
-        holdout = is_holdout_client(partition_id, seed=config.seed,
-                                    eval_fraction=config.eval_fraction)
-        empty = parts[partition_id][:0]
-        train_idx, eval_idx = ((empty, parts[partition_id]) if holdout
-                               else (parts[partition_id], empty))
-    else:
-        train_idx, eval_idx = train_eval_split(parts[partition_id],
-                                               eval_fraction=config.eval_fraction,
-                                               seed=config.seed * 100_003 + partition_id)
+    part = parts[partition_id]
+    keys = _corpus_keys(config)
+    if len(part) == 1:  # one record: the whole client trains or evaluates
+        evaluating = np.array([is_holdout_client(partition_id, seed=config.seed,
+                                                 eval_fraction=config.eval_fraction)])
+    else:  # as a deployed site splits, keyed by the run's seed (reproducible)
+        evaluating = held_out([keys[i] for i in part], secret=seeded_secret(config.seed),
+                              eval_fraction=config.eval_fraction)
+    return _client(corpus, config, names[partition_id], keys, part[~evaluating],
+                   part[evaluating])
+
+
+@functools.lru_cache(maxsize=2)
+def _corpus_keys(config: RunConfig) -> list[str]:
+    return record_keys(load_corpus(config))
+
+
+def _client(corpus: Corpus, config: RunConfig, name: str, keys: list[str],
+            train_idx: np.ndarray, eval_idx: np.ndarray) -> ClientData:
     train, evaluation = encode_split(corpus, config, train_idx, eval_idx)
-    return ClientData(name=names[partition_id], train=train, eval=evaluation,
-                      fingerprint=fingerprint(corpus, parts[partition_id]))
+    return ClientData(name=name, train=train, eval=evaluation,
+                      train_keys=[keys[i] for i in train_idx],
+                      eval_keys=[keys[i] for i in eval_idx])
 
 
 def encode_split(corpus: Corpus, config: RunConfig, train_idx: np.ndarray,

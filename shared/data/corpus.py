@@ -30,6 +30,9 @@ class Corpus:
     scaling: dict[str, tuple[float, float]] | None = None
     clients: np.ndarray | None = None  # [N] str, the natural partition, or None
     labels: np.ndarray | None = None  # [N] str, or None
+    # [N] str: each record's own id (sequence_id; a text file's 'id'), or None. Records
+    # without ids are recognised by content (shared.data.identity).
+    ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.texts) if self.kind == "text" else len(self.values)

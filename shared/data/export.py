@@ -49,6 +49,8 @@ def _text_jsonl(corpus: Corpus, indices: np.ndarray) -> bytes:
     lines = []
     for i in indices:
         row = {"text": corpus.texts[i]}
+        if corpus.ids is not None:  # a record keeps its identity, and so its budget
+            row = {"id": str(corpus.ids[i]), **row}
         if corpus.labels is not None:
             row["label"] = str(corpus.labels[i])
         lines.append(json.dumps(row, ensure_ascii=False))
@@ -60,7 +62,8 @@ def _series_csv(corpus: Corpus, indices: np.ndarray) -> bytes:
     for seq, i in enumerate(indices):
         frame = pd.DataFrame(corpus.values[i], columns=list(corpus.feature_names))
         frame.insert(0, "time", corpus.times[i])
-        frame.insert(0, "sequence_id", seq)
+        # a record keeps its identity, and so its budget
+        frame.insert(0, "sequence_id", seq if corpus.ids is None else str(corpus.ids[i]))
         if corpus.labels is not None:
             frame["label"] = str(corpus.labels[i])
         frames.append(frame)

@@ -120,12 +120,3 @@ def is_holdout_client(partition_id: int, *, seed: int, eval_fraction: float) -> 
     training and evaluation clients without seeing any data.
     """
     return bool(np.random.default_rng([seed, partition_id, 1]).random() < eval_fraction)
-
-
-def train_eval_split(indices: np.ndarray, *, eval_fraction: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A client's own split of its records: at least one record on each side."""
-    rng = np.random.default_rng(seed)
-    shuffled = rng.permutation(indices)
-    n_eval = min(max(1, round(eval_fraction * len(indices))), len(indices) - 1)
-    return np.sort(shuffled[n_eval:]), np.sort(shuffled[:n_eval])

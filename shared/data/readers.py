@@ -47,7 +47,7 @@ def read_file(path: str | Path) -> Corpus:
 # --- text --------------------------------------------------------------------------------------
 
 def read_text_jsonl(path: Path) -> Corpus:
-    texts, clients, labels = [], [], []
+    texts, clients, labels, ids = [], [], [], []
     with path.open("r", encoding="utf-8", errors="strict") as fh:
         try:
             lines = fh.readlines()
@@ -69,11 +69,25 @@ def read_text_jsonl(path: Path) -> Corpus:
         texts.append(text)
         clients.append(row.get("client"))
         labels.append(row.get("label"))
+        ids.append(row.get("id"))
     if not texts:
         raise DataError(path, "file is empty: no records")
     return Corpus(kind="text", source=str(path), texts=texts,
                   clients=_optional_column(path, "client", clients),
-                  labels=_optional_column(path, "label", labels))
+                  labels=_optional_column(path, "label", labels),
+                  ids=_unique_ids(path, _optional_column(path, "id", ids)))
+
+
+def _unique_ids(source: object, ids: np.ndarray | None) -> np.ndarray | None:
+    """A record's id is its identity for privacy accounting: two records may not share one."""
+    if ids is None:
+        return None
+    _, first, counts = np.unique(ids.astype(str), return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = ids[first[np.flatnonzero(counts > 1)[0]]]
+        raise DataError(source, f"id {dup!r} is given to more than one record; ids must be "
+                                "unique (they key each record's privacy budget)", column="id")
+    return ids
 
 
 def _optional_column(path: Path, name: str, values: list) -> np.ndarray | None:
@@ -91,7 +105,7 @@ def _optional_column(path: Path, name: str, values: list) -> np.ndarray | None:
 
 
 def text_corpus_from_frame(frame: pd.DataFrame, source: str) -> Corpus:
-    for name in ("client", "label"):
+    for name in ("client", "label", "id"):
         if name in frame.columns and frame[name].isna().any():
             row = int(np.flatnonzero(frame[name].isna().to_numpy())[0])
             raise DataError(source, f"empty '{name}'", line=row + 2)
@@ -104,6 +118,8 @@ def text_corpus_from_frame(frame: pd.DataFrame, source: str) -> Corpus:
         if "client" in frame.columns else None,
         labels=frame["label"].astype(str).to_numpy(dtype=object)
         if "label" in frame.columns else None,
+        ids=_unique_ids(source, frame["id"].astype(str).to_numpy(dtype=object))
+        if "id" in frame.columns else None,
     )
 
 
@@ -179,15 +195,20 @@ def series_corpus_from_frame(
         labels = np.array(labels, dtype=object)
 
     clients = None
+    seq_col = frame["sequence_id"].astype(str).to_numpy(dtype=object)
+    ids = np.array([seq_col[order[lo]] for lo, _ in bounds], dtype=object)
     if "client" in frame.columns:
         client_col = frame["client"].astype(str).to_numpy(dtype=object)
         clients = np.array([client_col[order[lo]] for lo, _ in bounds], dtype=object)
+        # sequence ids need only be unique within a client
+        ids = np.array([f"{c}/{i}" for c, i in zip(clients, ids, strict=True)], dtype=object)
 
     return Corpus(
         kind="series", source=source,
         values=[values[order[lo:hi]] for lo, hi in bounds],
         times=[times[order[lo:hi]] for lo, hi in bounds],
         feature_names=tuple(features), scaling=scaling, clients=clients, labels=labels,
+        ids=ids,
     )
 
 

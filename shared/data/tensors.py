@@ -35,6 +35,11 @@ class SequenceTensors:
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
 
+    def subset(self, index: np.ndarray | torch.Tensor) -> SequenceTensors:
+        """The records at ``index`` (positions or a boolean mask), in that order."""
+        index = torch.as_tensor(index)
+        return SequenceTensors(self.inputs[index], self.lengths[index], self.labels[index])
+
     def dataset(self) -> TensorDataset:
         return TensorDataset(self.inputs, self.lengths, self.labels)
 

@@ -1,0 +1,97 @@
+"""Evaluation a deployed site can release: noised sums of clipped per-record values.
+
+Exact metrics computed on a site's records are exact queries on them: a crafted model plus
+one evaluation tells a server how many records carry a rare label. So a deployed site
+releases only the Gaussian mechanism's answer to three sums over its evaluation records,
+each record contributing a vector of norm at most ``SENSITIVITY``:
+
+    (its loss / L, its score / M, 1)
+
+with the loss clipped to [0, L] and the score (correct or not; a sequence's token
+accuracy; a forecast's mean absolute error) to [0, M]. Noise of std ``sigma *
+SENSITIVITY`` is added to each sum; the metrics are ratios of the noised sums (loss,
+accuracy or MAE per record) and the noised count, all post-processing. The release is
+charged to the evaluation records' budget before it is made (``client.spending``), as
+one Gaussian mechanism of noise multiplier ``sigma`` (sample rate 1, one step).
+
+Metrics average over records here (a token-weighted mean would need a per-record weight
+the noise would have to cover too), and AUROC, a rank statistic, is not released.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from shared import tasks
+from shared.config import RunConfig
+from shared.data import SequenceTensors
+from shared.data.tokenizers import make_tokenizer
+from shared.models import SequenceModel
+
+SENSITIVITY = math.sqrt(3.0)  # the norm of (loss / L, score / M, 1) at most
+FORECAST_LOSS_BOUND = 4.0  # MSE of standardised values (z clipped to +-5 in the inputs)
+FORECAST_MAE_BOUND = 2.0
+
+
+def bounds(config: RunConfig) -> tuple[float, float]:
+    """(L, M): what one record's loss and score are clipped to. A loss of twice the
+    uniform guess's is already a model that has learnt nothing; clipping there keeps the
+    noise (proportional to L) small against what the metric can show."""
+    if config.task == "classify":
+        return max(2 * math.log(len(config.label_names)), 1.0), 1.0
+    if config.task == "lm":
+        vocabulary = make_tokenizer(config.tokenizer, config.vocab_size).vocab_size
+        return 2 * math.log(vocabulary), 1.0
+    return FORECAST_LOSS_BOUND, FORECAST_MAE_BOUND
+
+
+@torch.no_grad()
+def per_record(model: SequenceModel, data: SequenceTensors, config: RunConfig,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Each evaluation record's loss and score (see module docstring), unclipped."""
+    model.eval()
+    losses, scores = [], []
+    for start in range(0, len(data), 256):
+        batch = data.subset(torch.arange(start, min(start + 256, len(data))))
+        inputs, lengths, labels = batch.inputs, batch.lengths, batch.labels
+        losses.append(tasks.record_losses(model, (inputs, lengths, labels), config.task))
+        if config.task == "classify":
+            logits = model(tasks._trim(inputs, lengths), lengths)
+            scores.append((logits.argmax(-1) == labels).float())
+            continue
+        pred, target, mask = tasks._per_step(model, (inputs, lengths, labels), config.task)
+        if config.task == "lm":
+            hits = (pred.argmax(-1) == target).float() * mask
+        else:
+            hits = (pred - target).abs() * mask
+        dims = tuple(range(1, hits.dim()))
+        scores.append(hits.sum(dim=dims) / mask.sum(dim=dims).clamp(min=1))
+    if not losses:
+        return np.zeros(0), np.zeros(0)
+    return torch.cat(losses).numpy().astype(float), torch.cat(scores).numpy().astype(float)
+
+
+def release(losses: np.ndarray, scores: np.ndarray, config: RunConfig, *, sigma: float,
+            normal: Callable[[int], np.ndarray]) -> dict[str, float]:
+    """The task's metrics from the noised sums; ``normal(n)`` draws n standard normals
+    from the site's secure generator."""
+    loss_bound, score_bound = bounds(config)
+    sums = np.array([np.clip(losses, 0, loss_bound).sum() / loss_bound,
+                     np.clip(scores, 0, score_bound).sum() / score_bound, float(len(losses))])
+    noised = sums + sigma * SENSITIVITY * normal(3)
+    count = max(float(noised[2]), 1.0)
+    loss = float(np.clip(noised[0] / count, 0, 1)) * loss_bound
+    score = float(np.clip(noised[1] / count, 0, 1)) * score_bound
+    metrics = {"num-examples": max(float(noised[2]), 0.0), "loss": loss}
+    if config.task == "classify":
+        metrics.update(accuracy=score, auroc=math.nan)
+    elif config.task == "lm":
+        metrics.update(accuracy=score, perplexity=math.exp(min(loss, 50.0)))
+    else:
+        metrics["mae"] = score
+    return metrics
+
