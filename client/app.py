@@ -21,8 +21,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -36,6 +36,9 @@ from shared.config import RunConfig
 from shared.data import ClientData, client_data, site_data
 from shared.models import SequenceModel, build_model
 from shared.privacy import calibrate_noise, sample_rate, steps_per_round
+
+if TYPE_CHECKING:
+    from client.randomness import SiteRandomness
 
 app = ClientApp(mods=[fault_mod])  # fault_mod: injected faults of simulations only
 
@@ -69,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
                 return Message(Error(P.DECLINED_BUDGET, str(exc)), reply_to=msg)
     # Only now, with the release committed to the ledger, does training on the records start.
     result = train_local(model, data.train, config, noise_multiplier=sigma,
-                         seed=_seed(config, msg, context, server_round))
+                         randomness=_randomness(config, msg, context, server_round))
     if sigma is not None and result.history != [planned]:
         # Never release an update whose mechanism differs from what was charged.
         raise RuntimeError(f"DP-SGD ran {result.history}, but {planned} was charged")
@@ -151,10 +154,13 @@ def ledger_path(config: RunConfig, context: Context, site: str) -> Path:
     return config.ledger_root / f"{site}.sqlite"
 
 
-def _seed(config: RunConfig, msg: Message, context: Context, server_round: int) -> int:
-    """Simulations are reproducible from the run's seed. A deployed site seeds from the OS:
-    the run's seed is the server's, and noise the server can regenerate protects nothing."""
+def _randomness(config: RunConfig, msg: Message, context: Context,
+                server_round: int) -> SiteRandomness:
+    """A deployed site keys its DP noise and batches from the OS: the run's seed is the
+    server's, and noise the server can regenerate protects nothing. Simulations are
+    reproducible from the run's seed."""
+    from client.randomness import SiteRandomness  # in the handler, as client.training
+
     if "data" in context.node_config:
-        return secrets.randbits(31)
-    return (config.seed * 1_000_003 + partition_id(msg, context) * 10_007
-            + server_round) % 2**31
+        return SiteRandomness.from_os()
+    return SiteRandomness.from_seed(config.seed, partition_id(msg, context), server_round)

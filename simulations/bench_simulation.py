@@ -68,6 +68,7 @@ def plain_main() -> None:
 
     from client.app import noise_multiplier
     from client.ledger import Ledger
+    from client.randomness import SiteRandomness
     from client.spending import charge_round
     from client.training import evaluate, train
     from server.sampling import ClientSampler
@@ -100,7 +101,7 @@ def plain_main() -> None:
                              run_id=config.run_id, server_round=server_round,
                              planned=planned, config=config)
             train(local, data.train, config, noise_multiplier=sigma,
-                  seed=config.seed * 1_000_003 + pid * 10_007 + server_round)
+                  randomness=SiteRandomness.from_seed(config.seed, pid, server_round))
             updates.append((len(data.train), local.state_dict()))
         total = sum(n for n, _ in updates)
         state = {k: sum(n * s[k] for n, s in updates) / total for k in state}

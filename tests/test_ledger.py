@@ -91,6 +91,7 @@ def test_kill_during_ledger_writes_never_corrupts_or_undercounts(tmp_path, delay
 TRAINER = textwrap.dedent("""
     import sys
     from client.ledger import Ledger
+    from client.randomness import SiteRandomness
     from client.spending import charge_round
     from client.training import train
     from shared.config import RunConfig
@@ -103,7 +104,8 @@ TRAINER = textwrap.dedent("""
         charge_round(ledger, fingerprint=data.fingerprint, site=data.name, run_id="r",
                      server_round=1, planned=(1.0, 4 / 24, 6 * 100000), config=config)
     print("charged", flush=True)
-    train(build_model(config), data.train, config, noise_multiplier=1.0, seed=0)
+    train(build_model(config), data.train, config, noise_multiplier=1.0,
+          randomness=SiteRandomness.from_seed(0))
     print("released", flush=True)
 """)
 

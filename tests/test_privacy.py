@@ -7,6 +7,7 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
+from client.randomness import SiteRandomness
 from client.training import CLIPPING, backward, train
 from shared import tasks
 from shared.config import RunConfig
@@ -101,7 +102,8 @@ def test_epsilon_grows_over_rounds_and_matches_an_independent_accountant(rdp_ref
     model = build_model(config)
     history, spent = [], []
     for round_ in range(3):
-        result = train(model, data, config, noise_multiplier=1.1, seed=round_)
+        result = train(model, data, config, noise_multiplier=1.1,
+                       randomness=SiteRandomness.from_seed(round_))
         # one release per round: the noise, Poisson rate and steps Opacus actually used
         assert result.history == [(1.1, sample_rate(n, 8), steps_per_round(n, 8, 1))]
         assert result.steps == steps_per_round(n, 8, 1)
