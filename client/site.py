@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from client.evaluation import SENSITIVITY, per_record, release
 from client.ledger import MECHANISM_DPSGD, MECHANISM_GAUSSIAN_SUM, Budget, Ledger, Release
 from client.policy import Declined, SitePolicy
@@ -128,7 +130,8 @@ def evaluate_round(site: Site, config: RunConfig, server_round: int,
                                           MECHANISM_GAUSSIAN_SUM, SENSITIVITY))
     losses, scores = per_record(model, site.data.active(set(charged.keys), "eval"), config)
     return release(losses, scores, config, sigma=charged.entry[0],
-                   normal=site.randomness.standard_normal)
+                   normal=lambda n: site.randomness.gaussian(
+                       (n,), std=1.0, dtype=torch.float64).numpy())
 
 
 def _training_planner(site: Site, config: RunConfig, server_round: int) -> Planner:

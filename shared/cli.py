@@ -500,10 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure speed (benchmarks, never timed tests)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     dp_step = bench_sub.add_parser(
-        "dp-step", help="one DP-SGD step: torch (non-private) vs Opacus's DP layer vs fedrnn's",
+        "dp-step", help="one DP-SGD step: torch (non-private) vs Opacus's DP layer vs fedrnn's, "
+        "with torch's and with the site's secure generator",
         description="Time one full DP-SGD step (forward, backward, per-sample clipping, noise, "
-        "optimizer step) of a character model, interleaving the three implementations in one "
-        "process; median after warm-up; peak memory of each in its own child process.")
+        "optimizer step) of a character model, interleaving the implementations in one "
+        "process; median after warm-up; peak memory of each in its own child process. "
+        "fedrnn-csprng is the client's step, its noise from a cryptographically secure "
+        "generator; its ratio to fedrnn (torch's generator) is printed (target < 1.05).")
     dp_step.add_argument("--model", choices=("lstm", "gru", "rnn"), default="lstm")
     dp_step.add_argument("--batch", type=int, default=64)
     dp_step.add_argument("--seq-len", type=int, default=80)

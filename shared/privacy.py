@@ -44,12 +44,31 @@ def _quiet(accountant: str):
 
 
 def sample_rate(n_records: int, batch_size: int) -> float:
-    """Poisson sampling rate of DP-SGD, as Opacus derives it from a DataLoader."""
-    return 1.0 / math.ceil(n_records / batch_size)
+    """Poisson sampling rate of DP-SGD: ``1 / ceil(N / batch_size)``.
+
+    The single source of truth for both what a site plans and charges and what its
+    training runs (``client.training.poisson_loader`` samples at this rate, and Opacus's
+    accountant records it as ``1 / len(loader)``, the same float).
+    """
+    return 1.0 / _batches(n_records, batch_size)
 
 
 def steps_per_round(n_records: int, batch_size: int, local_epochs: int) -> int:
-    return local_epochs * math.ceil(n_records / batch_size)
+    """DP-SGD steps of one round: ``local_epochs * ceil(N / batch_size)``.
+
+    The single source of truth for both what a site plans and charges and what its
+    training runs (``client.training.poisson_loader`` yields ``ceil(N / batch_size)``
+    batches a pass, not Opacus's ``int(1 / q)``, which floating point makes one fewer
+    for 141 batch counts below 2,000: 93, 99, 105, ...).
+    """
+    return local_epochs * _batches(n_records, batch_size)
+
+
+def _batches(n_records: int, batch_size: int) -> int:
+    if n_records < 1 or batch_size < 1:
+        raise ValueError(f"need at least one record and a batch size of at least 1, got "
+                         f"{n_records} records, batch size {batch_size}")
+    return -(-n_records // batch_size)  # ceil in integers: no float division of large N
 
 
 def epsilon(history: History, *, delta: float, accountant: str = "rdp") -> float:

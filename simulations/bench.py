@@ -1,14 +1,19 @@
-"""``fedrnn bench dp-step``: one full DP-SGD step of a character LSTM/GRU/RNN, three ways.
+"""``fedrnn bench dp-step``: one full DP-SGD step of a character LSTM/GRU/RNN, four ways.
 
 The workload is the LEAF Shakespeare model by default (embedding 8, 2 x 256, batch 64,
 80 characters). One step = forward, backward, per-sample clipping, noise, optimizer step.
 
 - ``torch``: torch's layer, non-private (plain SGD step): the cost to beat;
 - ``opacus``: Opacus's ``DPLSTM``/``DPGRU``/``DPRNN`` under ``PrivacyEngine``;
-- ``fedrnn``: ``shared.nn``'s layer under the same ``PrivacyEngine``.
+- ``fedrnn``: ``shared.nn``'s layer under the same ``PrivacyEngine``, noise from torch's
+  generator;
+- ``fedrnn-csprng``: the same step as the client runs it (``client.training.make_private``),
+  noise from the site's cryptographically secure generator (``client.randomness``). Its
+  ratio to ``fedrnn`` is the price of unpredictable noise (the issue's target: under 1.05).
 
 Timing: one process, implementations interleaved round-robin so that machine noise hits
-all alike, median of ``repeats`` steps after one warm-up step each. Peak memory: each
+all alike, median of ``repeats`` steps after one warm-up step each; the secure generator's
+ratio is the median of each repeat's ratio of two adjacent steps. Peak memory: each
 implementation runs warm-up plus one step in a fresh child process, whose peak resident
 set (``ru_maxrss``) is reported; a shared process could not attribute its peak.
 """
@@ -28,7 +33,7 @@ from torch import nn
 
 from shared.memory import reuse_freed_memory
 
-IMPLEMENTATIONS = ("torch", "opacus", "fedrnn")
+IMPLEMENTATIONS = ("torch", "opacus", "fedrnn", "fedrnn-csprng")
 VOCAB = 80  # LEAF Shakespeare's character set
 
 
@@ -74,8 +79,8 @@ def make_step(impl: str, spec: StepSpec, seed: int = 0, clipping: str = "ghost")
     layer always runs in ``hooks`` mode, the mode its DP layers are documented with.
     """
     torch.manual_seed(seed)
-    model = CharModel(_layer(impl, spec), spec)
-    if impl == "fedrnn":
+    model = CharModel(_layer(impl.removesuffix("-csprng"), spec), spec)
+    if impl.startswith("fedrnn"):
         from shared import nn as fedrnn_layers
 
         embed = fedrnn_layers.Embedding(VOCAB, spec.embedding)
@@ -86,8 +91,24 @@ def make_step(impl: str, spec: StepSpec, seed: int = 0, clipping: str = "ghost")
     # contiguous: Opacus's ghost-clipping embedding code views the token ids
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     criterion = nn.CrossEntropyLoss()
-    mode = clipping if impl == "fedrnn" else "hooks"
-    if impl != "torch":
+    mode = clipping if impl.startswith("fedrnn") else "hooks"
+    if impl == "fedrnn-csprng":
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from client.randomness import SiteRandomness
+        from client.training import make_private
+
+        if mode != "ghost":
+            raise ValueError("the client's DP optimizer is Opacus's ghost clipping only")
+        # the fixed batch as the loader: the accountant's rate and the expected batch size
+        # are then 1 and spec.batch, as for the other implementations
+        loader = DataLoader(TensorDataset(inputs, targets), batch_size=spec.batch)
+        model, optimizer, _ = make_private(model, optimizer, loader, noise_multiplier=1.0,
+                                           clip_norm=1.0, accountant="rdp",
+                                           randomness=SiteRandomness.from_os())
+        criterion = DPLossFastGradientClipping(model, optimizer, criterion)
+    elif impl != "torch":
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset
 
@@ -146,15 +167,18 @@ def peak_mb(impl: str, spec: StepSpec, clipping: str = "ghost") -> float:
 
 def bench_dp_step(spec: StepSpec, *, repeats: int = 5, clipping: str = "ghost",
                   progress=None) -> list[dict]:
-    """Median milliseconds per step and peak MiB of each implementation."""
+    """Median milliseconds per step and peak MiB of each implementation; the
+    ``fedrnn-csprng`` row also has ``vs_torch_rng``, the median over repeats of its step's
+    time over the adjacent ``fedrnn`` step's (ghost mode only: the client's)."""
     warnings.simplefilter("ignore")
     reuse_freed_memory()  # as the client does before training (shared.memory)
-    steps = {impl: make_step(impl, spec, clipping=clipping) for impl in IMPLEMENTATIONS}
+    impls = [i for i in IMPLEMENTATIONS if clipping == "ghost" or i != "fedrnn-csprng"]
+    steps = {impl: make_step(impl, spec, clipping=clipping) for impl in impls}
     for impl, step in steps.items():  # warm-up
         step()
         if progress:
             progress(f"warmed up {impl}")
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLEMENTATIONS}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
     for r in range(repeats):
         for impl, step in steps.items():
             started = time.perf_counter()
@@ -164,9 +188,14 @@ def bench_dp_step(spec: StepSpec, *, repeats: int = 5, clipping: str = "ghost",
             progress(f"repeat {r + 1}/{repeats}: " + ", ".join(
                 f"{impl} {1000 * t[-1]:.0f} ms" for impl, t in times.items()))
     del steps
-    return [{"impl": impl, "model": spec.model,
+    rows = [{"impl": impl, "model": spec.model,
              "ms_per_step": 1000 * statistics.median(times[impl]),
-             "peak_mb": peak_mb(impl, spec, clipping)} for impl in IMPLEMENTATIONS]
+             "peak_mb": peak_mb(impl, spec, clipping)} for impl in impls]
+    if "fedrnn-csprng" in times:
+        rows[-1]["vs_torch_rng"] = statistics.median(
+            secure / plain for secure, plain in zip(times["fedrnn-csprng"], times["fedrnn"],
+                                                    strict=True))
+    return rows
 
 
 def format_table(rows: list[dict], spec: StepSpec, clipping: str = "ghost") -> str:
@@ -175,10 +204,15 @@ def format_table(rows: list[dict], spec: StepSpec, clipping: str = "ghost") -> s
     lines = [f"DP-SGD step, {spec.model}: batch {spec.batch}, {spec.seq_len} steps, "
              f"{spec.layers} x {spec.hidden}, embedding {spec.embedding}, "
              f"{torch.get_num_threads()} threads; fedrnn in Opacus's {clipping!r} mode",
-             f"{'impl':<8}{'ms/step':>10}{'x torch':>10}{'opacus/x':>10}{'peak MiB':>10}"]
+             f"{'impl':<14}{'ms/step':>10}{'x torch':>10}{'opacus/x':>10}{'peak MiB':>10}"]
     for r in rows:
-        lines.append(f"{r['impl']:<8}{r['ms_per_step']:>10.1f}{r['ms_per_step'] / base:>10.2f}"
-                     f"{opacus / r['ms_per_step']:>10.1f}{r['peak_mb']:>10.0f}")
+        lines.append(f"{r['impl']:<14}{r['ms_per_step']:>10.1f}"
+                     f"{r['ms_per_step'] / base:>10.2f}{opacus / r['ms_per_step']:>10.1f}"
+                     f"{r['peak_mb']:>10.0f}")
+    secure = next((r for r in rows if "vs_torch_rng" in r), None)
+    if secure is not None:
+        lines.append(f"secure noise: fedrnn-csprng / fedrnn = {secure['vs_torch_rng']:.3f} "
+                     "(median of paired steps; target < 1.05)")
     return "\n".join(lines)
 
 
