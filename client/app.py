@@ -32,7 +32,6 @@ from flwr.clientapp import ClientApp
 from client.faults import fault_mod
 from client.ledger import Ledger
 from client.policy import Declined, SitePolicy, check_proposal
-from client.randomness import SiteRandomness
 from client.site import SIMULATION_LEDGER, Site, evaluate_round, train_round
 from client.slots import partition_id
 from client.spending import BudgetExhausted
@@ -41,6 +40,7 @@ from shared.config import RunConfig
 from shared.data import client_data, site_data
 from shared.errors import ConfigError, DataError
 from shared.models import SequenceModel, build_model
+from shared.randomness import SiteRandomness
 
 log = logging.getLogger("fedrnn")
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -124,21 +125,38 @@ class Ledger:
         create_private(self.path)
         try:
             self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            tables = {r[0] for r in self._db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if "charges" in tables:
-                raise FedrnnError(f"{self.path}: a ledger of fedrnn 0.1, which accounted per "
-                                  "file, not per record; keep it for the record and start a "
-                                  "new ledger")
+            # Simulated sites on several workers open one ledger at once: switching the
+            # journal mode and creating the tables can meet a lock SQLite's busy timeout
+            # does not wait for, so opening retries for as long as that timeout would.
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    self._set_up()
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        except sqlite3.DatabaseError as exc:
+            raise FedrnnError(f"{self.path}: not a fedrnn ledger ({exc})") from None
+
+    def _set_up(self) -> None:
+        if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        tables = {r[0] for r in self._db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "charges" in tables:
+            raise FedrnnError(f"{self.path}: a ledger of fedrnn 0.1, which accounted per "
+                              "file, not per record; keep it for the record and start a "
+                              "new ledger")
+        if not {"meta", "releases", "cohorts", "records", "budgets"} <= tables:
             self._db.executescript(SCHEMA)  # idempotent; commits by itself
+        if self._db.execute("SELECT count(*) FROM meta").fetchone()[0] < 2:
             with self.transaction():
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (FORMAT,))
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('split-key', ?)",
                                  (secrets.token_bytes(32),))
-        except sqlite3.DatabaseError as exc:
-            raise FedrnnError(f"{self.path}: not a fedrnn ledger ({exc})") from None
 
     def close(self) -> None:
         self._db.close()

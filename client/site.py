@@ -27,13 +27,13 @@ import torch
 from client.evaluation import SENSITIVITY, per_record, release
 from client.ledger import MECHANISM_DPSGD, MECHANISM_GAUSSIAN_SUM, Budget, Ledger, Release
 from client.policy import Declined, SitePolicy
-from client.randomness import SiteRandomness
 from client.spending import Planner, charge, noise_for
 from shared import protocol as P
 from shared.config import RunConfig
 from shared.data import ClientData
 from shared.models import SequenceModel
 from shared.privacy import sample_rate, steps_per_round
+from shared.randomness import SiteRandomness
 
 log = logging.getLogger("fedrnn")
 

@@ -4,7 +4,7 @@ This module knows nothing of Flower. DP-SGD here is Opacus's mechanism with the 
 randomness: Poisson sampling (``SitePoissonSampler``), each record's gradient clipped to
 ``clip_norm`` (Opacus's ghost clipping: per-record norms, then the clipped sum) and
 Gaussian noise (``SiteNoiseOptimizer``, Opacus's ``DPOptimizerFastGradientClipping``), the
-batches and the noise drawn from ``client.randomness.SiteRandomness``, never from torch's
+batches and the noise drawn from ``shared.randomness.SiteRandomness``, never from torch's
 generator. ``PrivacyEngine`` builds a fresh accountant on every call, so its history
 describes this call only; the caller adds it to the site's cumulative history.
 """
@@ -26,13 +26,13 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from client.randomness import SiteRandomness
 from shared import tasks
 from shared.config import RunConfig
 from shared.data import SequenceTensors
 from shared.memory import reuse_freed_memory
 from shared.models import SequenceModel
 from shared.privacy import History, sample_rate, steps_per_round
+from shared.randomness import SiteRandomness
 
 # Opacus's hooks fire on modules whose inputs need no gradient (the first layer); torch
 # warns about it on every backward pass, although the per-sample gradients are right.

@@ -7,6 +7,7 @@ around an already resolved config, which is how ``fedrnn simulate`` starts it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.federation import run_federation
 from shared.config import RunConfig
+from shared.errors import FedrnnError
 from shared.logs import console_logging
 
 
@@ -27,7 +29,17 @@ def make_app(config: RunConfig | None = None, *,
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         console_logging()
-        run_dir = run_federation(grid, config or RunConfig.from_flat(dict(context.run_config)))
+        try:
+            run_dir = run_federation(grid, config or RunConfig.from_flat(
+                dict(context.run_config)))
+        except FedrnnError as exc:
+            if config is not None:  # `fedrnn simulate`: its command prints the error
+                raise
+            # Under Flower's ServerApp process (`fedrnn server`, `flwr run`), whose log
+            # reaches the operator's console: one line, no traceback. The run directory
+            # keeps its last checkpoint; `fedrnn server` says how to resume.
+            logging.getLogger("fedrnn").error("fedrnn: error: %s", exc)
+            return
         if on_finish is not None:
             on_finish(run_dir)
 

@@ -2,7 +2,9 @@
 
 The SuperLink (Flower's deployment engine) serves sites over HTTPS on ``--address``,
 optionally admitting only sites whose public keys were authorised (``--require-auth``).
-This process starts it, registers the authorised keys through its Control API, submits
+That address answers the Fleet API and nothing else (``server.superlink``); the Control
+and Runtime APIs are on a loopback port of their own. This process starts the SuperLink,
+registers the authorised keys through its Control API (on loopback), submits
 the fedrnn app as a run (a FAB built from the installed code, with the run's resolved
 config as its ``[tool.flwr.app.config]``) and relays the run's log until it ends. The
 ServerApp itself runs in the SuperLink's ``flwr-serverapp`` process, as with ``flwr run``.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from shared.config import RunConfig, dump_toml
 from shared.errors import ConfigError, FedrnnError
-from shared.processes import die_with_parent, flower_bin, stop
+from shared.processes import die_with_parent, stop
 
 log = logging.getLogger("fedrnn")
 
@@ -80,7 +82,9 @@ class ServerOptions:
 
 
 def check_server_config(config: RunConfig) -> RunConfig:
-    """The run a deployed server can start: a schema fixed without anyone's records."""
+    """The run a deployed server can start: a schema fixed without anyone's records, by a
+    built-in dataset's (public) schema, or by the flags (``dataset`` empty: the sites'
+    own records)."""
     from shared.data import resolve
 
     if config.data:
@@ -142,7 +146,11 @@ def run_server(config: RunConfig, options: ServerOptions) -> Path:
     home = out / ".flwr"  # Flower's FAB installs and CLI state, kept with the run
     env = {**os.environ, "FLWR_HOME": str(home),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
+    local_port = _free_loopback_port()
+    # Flower's SuperLink with its Fleet API alone on the sites' address; the Control and
+    # Runtime APIs on loopback only (server.superlink says why)
+    cmd = [sys.executable, "-m", "server.superlink", "--public", f"{host}:{port}",
+           "--host", "127.0.0.1", "--port", str(local_port),
            "--disable-runtime-dependency-installation"]
     if options.insecure:
         cmd.append("--insecure")
@@ -153,14 +161,15 @@ def run_server(config: RunConfig, options: ServerOptions) -> Path:
     if keys:
         cmd.append("--enable-supernode-auth")
     log_path = out / "superlink.log"
-    log.info("starting Flower's SuperLink on %s:%d (%s); its log: %s", host, port,
-             "insecure" if options.insecure else "TLS", log_path)
+    log.info("starting Flower's SuperLink: Fleet API on %s:%d (%s), Control and Runtime "
+             "APIs on 127.0.0.1:%d; its log: %s", host, port,
+             "insecure" if options.insecure else "TLS", local_port, log_path)
     log.debug("%s", shlex.join(cmd))
     with log_path.open("a") as link_log:
         link = subprocess.Popen(cmd, stdout=link_log, stderr=subprocess.STDOUT, env=env,
                                 preexec_fn=die_with_parent())
     try:
-        control = _control_client(host, port, tls, options)
+        control = _control_client("127.0.0.1", local_port, tls, options)
         _wait_until_up(control, link, options.startup_timeout, log_path)
         for key in keys:
             _register(control, key)
@@ -195,6 +204,12 @@ def _check_port_free(host: str, port: int, patience: float = 10.0) -> None:
                                       f"({exc.strerror}); is another server running "
                                       "there?") from None
         time.sleep(0.5)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _control_client(host: str, port: int, tls: dict[str, Path], options: ServerOptions):

@@ -8,11 +8,13 @@ is written to ``metrics.jsonl`` and shown on the console as soon as it ends.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +34,7 @@ from server.sampling import (
     wait_for_nodes,
 )
 from server.strategy import EPSILON_MAX, build_strategy, user_level_release
+from server.validation import Shape, check_evaluate_reply, check_train_reply, uniform_weight
 from shared import protocol as P
 from shared.config import RunConfig
 from shared.data import resolve
@@ -55,9 +58,18 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         config = config.replace(out=default_out_dir())
     if not config.run_id:
         config = config.replace(run_id=f"{Path(config.out).name}-{uuid.uuid4().hex[:8]}")
-    random.seed(config.seed)  # Flower's strategies shuffle the drawn nodes with ``random``
-    np.random.seed(config.seed)  # Flower's user-level DP noise draws from numpy's generator
-    torch.manual_seed(config.seed)
+    if is_simulation(grid):  # reproducible: the researcher holds every record
+        random.seed(config.seed)  # Flower's strategies shuffle the drawn nodes with it
+        np.random.seed(config.seed)
+    else:
+        # Which sites a round samples must be unpredictable to them (the accountant's
+        # amplification by sampling assumes it), and the run's seed is sent to every site:
+        # Flower's strategies sample with the ``random`` module of ``strategy_utils``,
+        # which becomes the operating system's generator here.
+        from flwr.serverapp.strategy import strategy_utils
+
+        strategy_utils.random = random.SystemRandom()
+    torch.manual_seed(config.seed)  # the initial model, which every site receives anyway
     model = build_model(config)
     arrays = ArrayRecord(model.state_dict())
     strategy = build_strategy(config, available=config.clients,
@@ -104,10 +116,13 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                      timeout=timeout)
 
     training = push_training(first_round, arrays)
+    # every update must have the global model's names, shapes and dtypes
+    shape = Shape.of({k: a.numpy() for k, a in arrays.items()})
     previous: _Trained | None = None  # trained, its evaluation still out
     for server_round in range(first_round, config.rounds + 1):
         try:
-            updates, declined, lost = _receive(grid, training)
+            updates, declined, lost = _receive(
+                grid, training, functools.partial(check_train_reply, shape=shape))
         except FedrnnError:
             if previous is not None:  # every site failed this round: keep the last one
                 with contextlib.suppress(FedrnnError):
@@ -118,13 +133,15 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         # for bit
         updates.sort(key=lambda m: trainers[m.metadata.src_node_id])
         exhausted |= {trainers[m.metadata.src_node_id] for m in declined}
+        if config.user_level:
+            updates = [uniform_weight(m) for m in updates]
         new_arrays, train_metrics = strategy.aggregate_train(server_round, updates)
         if new_arrays is not None:
             arrays = new_arrays
             if config.user_level:
                 user_history.append(user_level_release(
                     config, received=len(updates), sampled=len(training.messages),
-                    available=config.clients))
+                    available=training.available))
         evaluating = _push(grid, strategy, sampler, flat, server_round, "evaluate", arrays,
                            timeout=timeout)
         go_on = server_round < config.rounds and len(exhausted) < config.clients
@@ -140,6 +157,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             train_metrics=train_metrics or {}, clients=len(updates), declined=len(declined),
             dropped_ids=sorted(trainers[n] for n in lost["failed"] + lost["timed_out"]),
             timed_out=sorted(trainers[n] for n in lost["timed_out"]),
+            rejected_ids=sorted(trainers[n] for n in lost["rejected"]),
             user_history=list(user_history),
             checkpoint=checkpoint.encode(checkpoint.Checkpoint(
                 server_round=server_round, weights=arrays.to_torch_state_dict(),
@@ -212,6 +230,7 @@ class _Trained:
     declined: int
     dropped_ids: list[int]  # partition ids whose update never arrived (failed or silent)
     timed_out: list[int]
+    rejected_ids: list[int]  # partition ids whose reply failed the server's checks
     user_history: History
     checkpoint: bytes
 
@@ -220,7 +239,8 @@ def _finish_round(grid: Grid, strategy, record: RunRecord, config: RunConfig,  #
                   done: _Trained, started: float) -> float:
     """Take ``done``'s evaluation, write its row and checkpoint, show its progress line;
     returns the time the row was written."""
-    evaluations, _, _ = _receive(grid, done.evaluating)
+    evaluations, _, lost = _receive(grid, done.evaluating,
+                                    lambda m: check_evaluate_reply(m, config.task))
     evaluations.sort(key=lambda m: done.evaluating.partitions[m.metadata.src_node_id])
     eval_metrics = strategy.aggregate_evaluate(done.server_round, evaluations) or {}
     row = {"round": done.server_round}
@@ -243,6 +263,10 @@ def _finish_round(grid: Grid, strategy, record: RunRecord, config: RunConfig,  #
     row["dropped"] = len(done.dropped_ids)
     row["dropped_ids"] = done.dropped_ids
     row["timed_out"] = done.timed_out
+    # replies that failed the server's checks (server.validation), training and evaluation
+    row["rejected_ids"] = sorted({*done.rejected_ids, *(
+        done.evaluating.partitions.get(n, n) for n in lost["rejected"])})
+    row["rejected"] = len(row["rejected_ids"])
     # wall time since the previous round's row: rounds overlap (the next round's
     # training runs beside this one's evaluation), so these add up to the run's time
     now = time.monotonic()
@@ -279,6 +303,7 @@ class _Phase:
     partitions: dict[int, int]  # node id -> the partition id it serves
     timeout: float | None
     deadline: float | None
+    available: int  # sites it was sampled from: the user-level sampling rate's denominator
 
 
 def _push(grid: Grid, strategy, sampler: ClientSampler | None, flat: dict,  # noqa: ANN001
@@ -287,27 +312,52 @@ def _push(grid: Grid, strategy, sampler: ClientSampler | None, flat: dict,  # no
     """Let the strategy configure ``phase`` of ``server_round`` and send its messages."""
     phase_config, phase_grid, partitions = _participants(sampler, grid, flat, server_round,
                                                          phase)
+    if sampler is None:
+        phase_grid = _CountingGrid(phase_grid)
     configure = strategy.configure_train if phase == "train" else strategy.configure_evaluate
     messages = list(configure(server_round, arrays, phase_config, phase_grid))
     partitions = partitions or {m.metadata.dst_node_id: m.metadata.dst_node_id
                                 for m in messages}
     ids = set(grid.push_messages(messages)) if messages else set()
+    # The user-level sampling rate's denominator: the sites the draw was made from. A
+    # deployment's round starts once enough sites are connected, which may be fewer than
+    # --min-clients: exactly the nodes Flower's draw saw. A simulation: the candidates.
+    available = (len(phase_grid.nodes) if isinstance(phase_grid, _CountingGrid)
+                 else len(sampler.candidates[phase]))
     return _Phase(phase, messages, ids, partitions, timeout,
-                  None if timeout is None else time.monotonic() + timeout)
+                  None if timeout is None else time.monotonic() + timeout, available)
 
 
-def _receive(grid: Grid, phase: _Phase,
+class _CountingGrid:
+    """The grid as Flower's strategy sees it, remembering the nodes its last
+    ``get_node_ids`` returned: Flower's ``sample_nodes`` draws from exactly that list."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.nodes: list[int] = []
+
+    def get_node_ids(self) -> list[int]:
+        self.nodes = list(self._grid.get_node_ids())
+        return self.nodes
+
+    def __getattr__(self, name: str):  # noqa: ANN204  everything else is the grid's
+        return getattr(self._grid, name)
+
+
+def _receive(grid: Grid, phase: _Phase, check: Callable[[Message], str | None],
              ) -> tuple[list[Message], list[Message], dict[str, list[int]]]:
-    """Wait for ``phase``'s replies; returns (replies with content, budget declines, lost),
-    ``lost`` being the node ids that failed (``failed``) or sent no reply within the
-    round timeout (``timed_out``).
+    """Wait for ``phase``'s replies; returns (valid replies with content, budget declines,
+    lost), ``lost`` being the node ids that failed (``failed``), sent no reply within the
+    round timeout (``timed_out``), or sent a reply ``check`` rejected (``rejected``: one
+    log line each, with the reason).
 
     A decline is a site's refusal, not a failure: it is logged with the site's reason.
-    Failures are logged, and fatal only if every site failed (injected dropouts aside).
+    Failures are logged, and fatal only if no site sent a valid reply (injected dropouts
+    aside).
     """
     messages = phase.messages
     if not messages:
-        return [], [], {"failed": [], "timed_out": []}
+        return [], [], {"failed": [], "timed_out": [], "rejected": []}
     pending, replies = set(phase.ids), []
     while pending:
         arrived = list(grid.pull_messages(pending))
@@ -317,7 +367,24 @@ def _receive(grid: Grid, phase: _Phase,
             break
         time.sleep(getattr(grid, "pull_interval", 0.1))
     name = phase.name
-    ok = [m for m in replies if not m.has_error()]
+    ok, rejected = [], []
+    for m in replies:
+        if m.has_error():
+            continue
+        if not m.has_content():
+            reason = "it carries neither content nor an error"
+        else:
+            try:
+                reason = check(m)
+            except Exception as exc:  # noqa: BLE001  whatever a reply holds, it is only rejected
+                reason = f"it cannot be read ({type(exc).__name__})"
+        if reason is None:
+            ok.append(m)
+        else:
+            rejected.append(m)
+            log.warning("%s reply of site %s rejected: %s", name,
+                        phase.partitions.get(m.metadata.src_node_id, m.metadata.src_node_id),
+                        reason)
     declined = [m for m in replies if m.has_error() and m.error.code == P.DECLINED_BUDGET]
     failed = [m for m in replies if m.has_error() and m.error.code != P.DECLINED_BUDGET]
     for m in declined:
@@ -332,10 +399,13 @@ def _receive(grid: Grid, phase: _Phase,
         log.warning("%d site(s) sent no %s reply within the round timeout (%gs): the round "
                     "goes on without them", len(late), name, phase.timeout)
     injected = any(m.error.code == P.DROPPED_OUT for m in failed)
-    if not ok and not declined and (failed or late) and not injected:
-        first = failed[0].error.reason if failed else "no site replied in time"
-        raise FedrnnError(f"every client failed to {name}; first error: {first}")
-    return ok, declined, {"failed": [m.metadata.src_node_id for m in failed], "timed_out": late}
+    if not ok and not declined and (failed or late or rejected) and not injected:
+        first = (failed[0].error.reason if failed else "its reply was rejected" if rejected
+                 else "no site replied in time")
+        raise FedrnnError(f"no site sent a valid {name} reply; the first: {first}")
+    return ok, declined, {"failed": [m.metadata.src_node_id for m in failed],
+                          "timed_out": late,
+                          "rejected": [m.metadata.src_node_id for m in rejected]}
 
 
 def _progress_line(row: dict, config: RunConfig) -> str:

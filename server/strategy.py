@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
-from flwr.app import MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
@@ -15,9 +17,64 @@ from flwr.serverapp.strategy import (
 from shared import protocol as P
 from shared.config import RunConfig
 from shared.errors import ConfigError
+from shared.randomness import SiteRandomness
 
 EPSILON_MAX = "epsilon-max"
 CLIENTS = "clients"
+
+
+class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's DP-FedAvg wrapper (server-side fixed clipping), with its clipping and its
+    noise source made safe against what sites send and see.
+
+    - Clipping: Flower's ``compute_clip_model_update`` divides by the update's norm, so a
+      site that sends the global model back unchanged (a zero update, which is a valid
+      update) stops the run with ``ZeroDivisionError``. Here a zero update is left as is.
+    - Noise: Flower draws it from numpy's global generator, which the run's seed (sent to
+      every site) determines; a site could regenerate the noise and subtract it. Here it
+      comes from ``noise(server_round)``: a generator keyed by the operating system on a
+      deployed server, by the run's seed in a simulation (whose researcher holds all).
+
+    Everything else (sampling, FedAvg of the clipped updates, the noise's scale
+    ``noise_multiplier * clipping_norm / sampled``) is Flower's.
+    """
+
+    def __init__(self, strategy: Strategy, *, noise: Callable[[int], SiteRandomness],
+                 **kwargs: float | int) -> None:
+        super().__init__(strategy, **kwargs)
+        self.noise = noise
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if not replies:
+            return None, None
+        current = self.current_arrays.to_numpy_ndarrays()
+        for reply in replies:
+            record = reply.content[P.ARRAYS]
+            update = [a - c for a, c in zip(record.to_numpy_ndarrays(), current, strict=True)]
+            norm = math.sqrt(sum(float(np.sum(np.square(u, dtype=np.float64)))
+                                 for u in update))
+            scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
+            reply.content[P.ARRAYS] = ArrayRecord(dict(zip(
+                record.keys(), (Array(np.asarray(c + u * scale, dtype=c.dtype))
+                                for c, u in zip(current, update, strict=True)), strict=True)))
+        aggregated, metrics = self.strategy.aggregate_train(server_round, replies)
+        if aggregated is not None:
+            std = self.noise_multiplier * self.clipping_norm / self.num_sampled_clients
+            source = self.noise(server_round)
+            aggregated = ArrayRecord({
+                name: Array(a + source.gaussian(a.shape, std=std, dtype=_torch_dtype(a))
+                            .numpy().astype(a.dtype))
+                for name, a in zip(aggregated.keys(), aggregated.to_numpy_ndarrays(),
+                                   strict=True)})
+        return aggregated, metrics
+
+
+def _torch_dtype(array: np.ndarray):  # noqa: ANN202
+    import torch
+
+    return torch.float64 if array.dtype == np.float64 else torch.float32
 
 
 def build_strategy(config: RunConfig, *, available: int,
@@ -62,10 +119,20 @@ def build_strategy(config: RunConfig, *, available: int,
     else:
         strategy = FedAvg(**common)
     if config.user_level:
-        strategy = DifferentialPrivacyServerSideFixedClipping(
-            strategy, noise_multiplier=config.user_noise_multiplier,
+        strategy = UserLevelDP(
+            strategy, noise=_noise_source(config, deployed=not server_draws),
+            noise_multiplier=config.user_noise_multiplier,
             clipping_norm=config.user_clip_norm, num_sampled_clients=train_k)
     return strategy
+
+
+def _noise_source(config: RunConfig, *, deployed: bool) -> Callable[[int], SiteRandomness]:
+    """The user-level noise's generator for a round: keyed by the operating system on a
+    deployed server (no site can predict it), by (seed, round) in a simulation (a seeded
+    run, resumed or not, repeats bit for bit)."""
+    if deployed:
+        return lambda _round: SiteRandomness.from_os()
+    return lambda server_round: SiteRandomness.from_seed(config.seed, server_round, 3)
 
 
 def user_level_release(config: RunConfig, *, received: int, sampled: int,

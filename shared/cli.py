@@ -44,6 +44,8 @@ EPILOG_SERVER = """examples:
   fedrnn server --certificates certs --min-clients 3 --rounds 10 --out runs/hospitals
   fedrnn server --certificates certs --require-auth certs --task classify \\
                 --labels spam,ham --model lstm        # sites bring their own messages
+  fedrnn server --certificates certs --task classify --labels died,survived \\
+                --features bili,chol,albumin          # sites' own numeric sequences
 """
 
 EPILOG_CLIENT = """examples:
@@ -168,6 +170,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
     from server.deploy import ServerOptions, run_server
 
     config = config_from_args(args)
+    if args.dataset is None and config.dataset == RunConfig().dataset and (
+            config.labels or config.features or config.task == "lm"):
+        # a schema given by flags, without --dataset: a run on the sites' own records
+        config = config.replace(dataset="")
     if args.min_clients is not None:
         if args.min_clients < 1:
             raise ConfigError("--min-clients must be at least 1")

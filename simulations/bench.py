@@ -8,7 +8,7 @@ The workload is the LEAF Shakespeare model by default (embedding 8, 2 x 256, bat
 - ``fedrnn``: ``shared.nn``'s layer under the same ``PrivacyEngine``, noise from torch's
   generator;
 - ``fedrnn-csprng``: the same step as the client runs it (``client.training.make_private``),
-  noise from the site's cryptographically secure generator (``client.randomness``). Its
+  noise from the site's cryptographically secure generator (``shared.randomness``). Its
   ratio to ``fedrnn`` is the price of unpredictable noise (the issue's target: under 1.05).
 
 Timing: one process, implementations interleaved round-robin so that machine noise hits
@@ -96,8 +96,8 @@ def make_step(impl: str, spec: StepSpec, seed: int = 0, clipping: str = "ghost")
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
         from torch.utils.data import DataLoader, TensorDataset
 
-        from client.randomness import SiteRandomness
         from client.training import make_private
+        from shared.randomness import SiteRandomness
 
         if mode != "ghost":
             raise ValueError("the client's DP optimizer is Opacus's ghost clipping only")

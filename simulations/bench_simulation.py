@@ -66,13 +66,13 @@ def plain_main() -> None:
     started = time.perf_counter()
     import torch
 
-    from client.randomness import SiteRandomness
     from client.site import SIMULATION_LEDGER, Site, train_round
     from client.training import evaluate
     from server.sampling import ClientSampler
     from shared.config import RunConfig
     from shared.data import client_data, resolve
     from shared.models import build_model
+    from shared.randomness import SiteRandomness
 
     torch.set_num_threads(1)
     workload, work = json.loads(sys.argv[1]), Path(sys.argv[2])

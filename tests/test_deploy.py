@@ -23,6 +23,9 @@ from shared.data import site_data
 from shared.data.readers import read_file
 
 BUDGET = ["--budget-epsilon", "8", "--budget-delta", "1e-5"]
+# the README's deployment of sites' own records: the schema from flags, no dataset
+OWN = ["--task", "classify", "--labels", "neg,pos", "--features", "x0,x1,x2",
+       "--hidden-size", "8", "--batch-size", "16"]
 SMALL = ["--dataset", "synthetic", "--task", "classify", "--hidden-size", "8",
          "--batch-size", "16"]
 
@@ -196,6 +199,23 @@ def test_client_gives_up_on_an_unreachable_server_after_max_wait(tmp_path, capsy
     assert "could not be reached" in err and "Traceback" not in err
 
 
+def test_a_server_for_sites_own_records_takes_its_schema_from_flags(tmp_path, text_jsonl):
+    from server.deploy import check_server_config
+    from shared.errors import ConfigError
+
+    series = check_server_config(RunConfig(dataset="", task="classify", labels="neg,pos",
+                                           features="x0,x1,x2"))
+    assert series.dataset == "" and series.feature_names == ["x0", "x1", "x2"]
+    text = check_server_config(RunConfig(dataset="", task="classify", labels="neg,pos"))
+    site = site_data(text, text_jsonl, secret=b"k" * 32, eval_fraction=0.2)  # JSONL site
+    assert len(site.train) + len(site.eval) == 30
+    assert check_server_config(RunConfig(dataset="", task="lm")).task == "lm"
+    for bad in (dict(task="classify", labels="only"), dict(task="forecast"),
+                dict(task="lm", features="x")):
+        with pytest.raises(ConfigError):
+            check_server_config(RunConfig(dataset="", **bad))
+
+
 def test_server_refuses_bad_settings_before_starting(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["server", "--insecure", "--data", "x.csv", "--out", str(out)]) == 2
@@ -210,9 +230,11 @@ def test_tls_auth_three_sites_complete_a_run(deployment, capsys):
     tmp, start = deployment
     port = _free_port()
     out = tmp / "run"
+    # the sites hold their own long-format CSVs (missing values included); the server
+    # has no records, only the schema
     server = start("server", "server", "--address", f"127.0.0.1:{port}", "--certificates",
                    str(tmp / "certs"), "--require-auth", str(tmp / "keys"), "--min-clients",
-                   "3", "--rounds", "2", "--out", str(out), *SMALL)
+                   "3", "--rounds", "2", "--out", str(out), *OWN)
     server.wait_for("started run")
 
     # refused: a CA that did not sign the server's certificate; a key not authorised
@@ -311,3 +333,58 @@ def test_a_task_whose_supernode_is_gone_ends_instead_of_retrying_forever():
     thread.start()
     thread.join(timeout=60)
     assert not thread.is_alive() and outcome
+
+
+def test_the_sites_address_answers_the_fleet_api_and_nothing_else(deployment):
+    # An outsider on the sites' address, with Flower's own control client: it can list no
+    # runs, register no node key and start no run (whose code would run on the server).
+    import hashlib
+    import re
+
+    from flwr.cli.build import build_fab_from_files
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.common.serde import fab_to_proto
+    from flwr.proto.control_pb2 import ListRunsRequest, RegisterNodeRequest, StartRunRequest
+    from flwr.supercore.fab import Fab
+
+    tmp, start = deployment
+    port = _free_port()
+    server = start("server", "server", "--address", f"127.0.0.1:{port}", "--insecure",
+                   "--min-clients", "1", "--rounds", "1", "--out", str(tmp / "run"), *SMALL)
+    server.wait_for("started run")
+    local = int(re.search(r"Control and Runtime APIs on 127\.0\.0\.1:(\d+)",
+                          server.output).group(1))
+
+    def control(at: int):
+        return init_http_client_from_connection(SuperLinkConnection(
+            name="outsider", address=f"127.0.0.1:{at}", insecure=True))
+
+    outsider = control(port)
+    pwned = tmp / "pwned"
+    fab = build_fab_from_files({
+        "pyproject.toml": (
+            b'[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+            b'[project]\nname = "evil"\nversion = "1.0.0"\ndependencies = []\n'
+            b'[tool.hatch.build.targets.wheel]\npackages = ["."]\n'
+            b'[tool.flwr.app]\npublisher = "evil"\n[tool.flwr.app.components]\n'
+            b'serverapp = "evil:app"\nclientapp = "evil:app"\n'),
+        "evil.py": f"open({str(pwned)!r}, 'w').write('ran')\n".encode()})[0]
+    attempts = {
+        "list runs": lambda: outsider.ListRuns(ListRunsRequest()),
+        "register a node": lambda: outsider.RegisterNode(RegisterNodeRequest(
+            public_key=b"\x04" + b"k" * 64, name="evil")),
+        "start a run": lambda: outsider.StartRun(StartRunRequest(fab=fab_to_proto(
+            Fab(hashlib.sha256(fab).hexdigest(), fab, {})))),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(Exception):  # noqa: B017  refused, whatever Flower calls it
+            attempt()
+        assert what  # each attempt above was refused
+    # on loopback the server's own control client sees one run only: its own
+    runs = control(local).ListRuns(ListRunsRequest()).run_dict
+    assert len(runs) == 1
+    time.sleep(2)
+    assert not pwned.exists()
+    server.stop()
+    assert "Traceback" not in server.output

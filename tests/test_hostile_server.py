@@ -25,6 +25,7 @@ HOSTILE_SERVER_APP = '''
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict

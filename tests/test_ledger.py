@@ -150,8 +150,8 @@ CONTENDER = textwrap.dedent("""
 def test_concurrent_processes_never_spend_past_the_budget(tmp_path):
     # Both check and charge in one transaction: two processes cannot both pass the check
     # with the last release that fits.
+    # (and all of them create the ledger at once, as a simulation's workers do)
     path = tmp_path / "site.sqlite"
-    Ledger(path).close()
     procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(path), f"run-{i}"],
                               stdout=subprocess.PIPE, text=True) for i in range(3)]
     counts = [int(p.communicate(timeout=120)[0]) for p in procs]
@@ -203,7 +203,7 @@ def test_kill_during_ledger_writes_never_corrupts_or_undercounts(tmp_path, delay
 TRAINER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from client.randomness import SiteRandomness
+    from shared.randomness import SiteRandomness
     from client.site import Site, train_round
     from shared.config import RunConfig
     from shared.data import client_data, resolve

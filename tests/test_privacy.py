@@ -7,13 +7,13 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
-from client.randomness import SiteRandomness
 from client.training import CLIPPING, backward, train
 from shared import tasks
 from shared.config import RunConfig
 from shared.data import client_data, resolve
 from shared.models import build_model
 from shared.privacy import calibrate_noise, epsilon, sample_rate, steps_per_round
+from shared.randomness import SiteRandomness
 
 
 @pytest.mark.parametrize("task,cell", [("classify", "gru"), ("lm", "lstm"),

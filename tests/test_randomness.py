@@ -9,12 +9,12 @@ import torch
 from torch.utils.data import TensorDataset
 
 import client.training
-from client.randomness import SiteRandomness
 from client.training import make_private, poisson_loader, train
 from shared.config import RunConfig
 from shared.data import SequenceTensors, client_data, resolve
 from shared.models import build_model
 from shared.privacy import sample_rate, steps_per_round
+from shared.randomness import SiteRandomness
 
 # batch counts k where Opacus's int(1/q) steps per epoch, q = 1/k, is k - 1
 OFF_BY_ONE = [k for k in range(1, 400) if int(1 / (1 / k)) != k]

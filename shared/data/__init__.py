@@ -28,7 +28,7 @@ from shared.data.partition import is_holdout_client, partition
 from shared.data.readers import read_file
 from shared.data.tensors import SequenceTensors, encode_series, encode_text, local_scaling
 from shared.data.tokenizers import make_tokenizer
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
 
 __all__ = ["ClientData", "Corpus", "SequenceTensors", "check_schema", "client_data",
            "load_corpus", "partition_corpus", "resolve", "site_data"]
@@ -62,9 +62,26 @@ def resolve(config: RunConfig) -> RunConfig:
 
     ``labels`` and ``features`` describe the schema (class names, column names), which
     every site must share to train one model. In a simulation the researcher holds all
-    records, so reading them off the file is the same as fixing them in advance.
+    records, so reading them off the file is the same as fixing them in advance. A
+    deployed run on sites' own records (no ``data``, no ``dataset``) has its schema from
+    the server's flags alone (``schema_from_flags``).
     """
+    if not config.data and not config.dataset:
+        return schema_from_flags(config)
     return check_schema(load_corpus(config), config)
+
+
+def schema_from_flags(config: RunConfig) -> RunConfig:
+    """The schema of a run on records nobody here holds: classes from ``labels``, numeric
+    columns from ``features`` (none: text). Each site checks its own file against it."""
+    if config.task == "classify" and len(config.label_names) < 2:
+        raise ConfigError("a classify run on the sites' own records needs --labels with at "
+                          "least two classes, e.g. --labels died,survived")
+    if config.task == "forecast" and not config.feature_names:
+        raise ConfigError("a forecast run needs --features: the numeric columns to predict")
+    if config.task == "lm" and config.feature_names:
+        raise ConfigError("task lm is on text: drop --features")
+    return config
 
 
 def check_schema(corpus: Corpus, config: RunConfig) -> RunConfig:

@@ -1,0 +1,131 @@
+"""The server trusts no reply: each malformed update of a hostile site is rejected before
+aggregation, counted, and never stops the run; user-level DP survives a zero update and
+draws noise no site can regenerate."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+from server.federation import _Phase, _receive
+from server.strategy import build_strategy
+from server.validation import Shape, check_evaluate_reply, check_train_reply
+from shared import protocol as P
+from shared.config import RunConfig
+from shared.errors import FedrnnError
+
+_IDS = itertools.count(1)
+GLOBAL = {"w": np.ones((4, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
+SHAPE = Shape.of(GLOBAL)
+
+
+def reply(arrays=None, node: int = 1, kind: str = "train", **metrics) -> Message:
+    """A site's reply as the server's grid hands it over."""
+    content = {P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10, P.UNIT_WEIGHT: 1, **metrics})}
+    if arrays is not None:
+        content[P.ARRAYS] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+    metadata = Metadata(run_id=1, message_id=f"r{next(_IDS)}", src_node_id=node,
+                        dst_node_id=0, reply_to_message_id=f"m{node}", group_id="",
+                        created_at=time.time(), ttl=60.0, message_type=kind)
+    return Message(content=RecordDict(content), metadata=metadata)
+
+
+HOSTILE = {
+    "broadcast": ({"w": np.full(1, 5e5, dtype=np.float32), "b": GLOBAL["b"]}, {}),
+    "nan": ({"w": np.full((4, 3), np.nan, dtype=np.float32), "b": GLOBAL["b"]}, {}),
+    "inf": ({"w": GLOBAL["w"], "b": np.full(3, np.inf, dtype=np.float32)}, {}),
+    "missing array": ({"w": GLOBAL["w"]}, {}),
+    "extra array": ({**GLOBAL, "x": np.zeros(1, dtype=np.float32)}, {}),
+    "dtype": ({"w": GLOBAL["w"].astype(np.float64), "b": GLOBAL["b"]}, {}),
+    "zero examples": (GLOBAL, {P.NUM_EXAMPLES: 0}),
+    "negative examples": (GLOBAL, {P.NUM_EXAMPLES: -10}),
+    "nan examples": (GLOBAL, {P.NUM_EXAMPLES: math.nan}),
+    "unknown metric": (GLOBAL, {"surprise": 1.0}),
+    "negative epsilon": (GLOBAL, {P.EPSILON: -1.0}),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE))
+def test_each_malformed_update_is_rejected_with_a_reason(attack):
+    arrays, metrics = HOSTILE[attack]
+    reason = check_train_reply(reply(arrays, **metrics), SHAPE)
+    assert isinstance(reason, str) and reason
+    assert check_train_reply(reply(GLOBAL), SHAPE) is None  # the honest one passes
+
+
+def test_evaluation_replies_are_checked_too():
+    assert check_evaluate_reply(reply(loss=0.5, accuracy=0.9, auroc=math.nan,
+                                      kind="evaluate"), "classify") is None
+    for bad in ({"accuracy": 1.5, "loss": 0.1}, {"loss": math.inf}, {"loss": -1.0},
+                {"loss": 0.1, "perplexity": 2.0}):  # perplexity: not a classify metric
+        assert check_evaluate_reply(reply(kind="evaluate", **bad), "classify")
+
+
+class _Grid:
+    """The replies a round's sites sent, as Flower's grid would hand them over."""
+
+    def __init__(self, replies):
+        self.replies = replies
+        self.pull_interval = 0.0
+
+    def pull_messages(self, ids):
+        out, self.replies = self.replies, []
+        return out
+
+
+def _phase(nodes):
+    messages = [Message(content=RecordDict(), metadata=Metadata(
+        run_id=1, message_id=f"m{n}", src_node_id=0, dst_node_id=n, reply_to_message_id="",
+        group_id="", created_at=time.time(), ttl=60.0, message_type="train")) for n in nodes]
+    return _Phase("train", messages, {f"m{n}" for n in nodes}, {n: n - 1 for n in nodes},
+                  None, None, len(nodes))
+
+
+def test_a_round_aggregates_the_valid_replies_and_counts_the_rest():
+    hostile = [reply(HOSTILE["nan"][0], node=2), reply(HOSTILE["broadcast"][0], node=3)]
+    ok, declined, lost = _receive(_Grid([reply(GLOBAL, node=1), *hostile]), _phase([1, 2, 3]),
+                                  lambda m: check_train_reply(m, SHAPE))
+    assert [m.metadata.src_node_id for m in ok] == [1] and declined == []
+    assert sorted(lost["rejected"]) == [2, 3]
+
+
+def test_a_round_with_no_valid_reply_ends_with_one_line():
+    with pytest.raises(FedrnnError, match="no site sent a valid train reply"):
+        _receive(_Grid([reply(HOSTILE["nan"][0], node=1)]), _phase([1]),
+                 lambda m: check_train_reply(m, SHAPE))
+
+
+def _user_level(deployed: bool):
+    config = RunConfig(dp_level="user", user_noise_multiplier=1.0, user_clip_norm=1.0,
+                       clients=2, clients_per_round=2)
+    strategy = build_strategy(config, available=2, server_draws=not deployed)
+    strategy.current_arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in GLOBAL.items()})
+    return strategy
+
+
+def test_user_level_dp_takes_a_zero_update_and_its_noise_ignores_numpys_seed():
+    results = []
+    for _ in range(2):
+        strategy = _user_level(deployed=True)
+        np.random.seed(0)  # what the run's seed, which every site knows, used to set
+        arrays, _ = strategy.aggregate_train(1, [reply(GLOBAL, node=1),  # a zero update
+                                                 reply(GLOBAL, node=2)])
+        results.append(arrays["w"].numpy())
+    assert not np.array_equal(results[0], results[1])  # noise from the operating system
+    # a simulation repeats: the same seed, the same noise
+    again = [_user_level(deployed=False).aggregate_train(1, [reply(GLOBAL, node=1)])[0]["w"]
+             .numpy() for _ in range(2)]
+    assert np.array_equal(again[0], again[1])
+
+
+def test_user_level_dp_clips_a_scaled_update():
+    strategy = _user_level(deployed=False)
+    huge = {"w": GLOBAL["w"] + 1e6, "b": GLOBAL["b"]}
+    arrays, _ = strategy.aggregate_train(1, [reply(huge, node=1)])
+    # clipped to norm 1 around the global model, plus noise of std 1 * 1 / 2
+    assert np.abs(arrays["w"].numpy() - GLOBAL["w"]).max() < 5
