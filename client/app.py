@@ -29,6 +29,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.attacks import attack_mod
 from client.faults import fault_mod
 from client.ledger import Ledger
 from client.policy import Declined, SitePolicy, check_proposal
@@ -44,7 +45,8 @@ from shared.randomness import SiteRandomness
 
 log = logging.getLogger("fedrnn")
 
-app = ClientApp(mods=[fault_mod])  # fault_mod: injected faults of simulations only
+# injected faults and attacks of simulations only; a deployed site runs neither
+app = ClientApp(mods=[fault_mod, attack_mod])
 
 
 @app.train()

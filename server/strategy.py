@@ -1,4 +1,12 @@
-"""The server's strategy: Flower's FedAvg or FedAdam, with fedrnn's metric aggregation."""
+"""The server's strategy: Flower's FedAvg, FedAdam or a robust one (FedMedian, trimmed mean,
+Krum), with fedrnn's metric aggregation and, for user-level DP, Flower's DP-FedAvg wrapper
+made safe against what sites send (``UserLevelDP``).
+
+Which combine with which DP level: record-level DP (each site's own DP-SGD) is
+post-processed by any aggregation, so every strategy keeps it. User-level DP calibrates
+its noise to a mean of clipped updates, in which one site moves the result by at most
+clip / sampled; a median, trimmed mean or Krum has no such bound under Flower's noise
+scale, so they are refused with it (``RunConfig``)."""
 
 from __future__ import annotations
 
@@ -11,6 +19,9 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
     Strategy,
 )
 
@@ -116,6 +127,16 @@ def build_strategy(config: RunConfig, *, available: int,
     if config.strategy == "fedadam":
         # Client updates are already DP; the server's Adam is post-processing.
         strategy: Strategy = FedAdam(eta=config.server_lr, eta_l=config.lr, **common)
+    elif config.strategy == "fedmedian":
+        strategy = FedMedian(**common)
+    elif config.strategy == "trimmed-mean":
+        strategy = FedTrimmedAvg(beta=config.trim_beta, **common)
+    elif config.strategy == "krum":
+        if train_k <= 2 * config.krum_byzantine + 2:
+            raise ConfigError(f"krum with krum-byzantine {config.krum_byzantine} needs more "
+                              f"than {2 * config.krum_byzantine + 2} sites per round, not "
+                              f"{train_k}")
+        strategy = Krum(num_malicious_nodes=config.krum_byzantine, **common)
     else:
         strategy = FedAvg(**common)
     if config.user_level:

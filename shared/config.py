@@ -24,7 +24,9 @@ TASKS = ("classify", "lm", "forecast")
 MODELS = ("gru", "lstm", "rnn")
 TOKENIZERS = ("char", "word")
 PARTITIONERS = ("auto", "natural", "record", "iid", "dirichlet", "quantity")
-STRATEGIES = ("fedavg", "fedadam")
+STRATEGIES = ("fedavg", "fedadam", "fedmedian", "trimmed-mean", "krum")
+ROBUST_STRATEGIES = ("fedmedian", "trimmed-mean", "krum")  # Flower's, robust to outliers
+ATTACKS = ("none", "nan", "shape", "scale", "sign-flip")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 DP_LEVELS = ("record", "user", "both")
 OPTIMIZERS = ("sgd", "adam")
@@ -67,8 +69,12 @@ class RunConfig:
     clients_per_round: int = _opt(0, "sites sampled per training round (0 = all)")
     eval_clients_per_round: int = _opt(0, "sites sampled per evaluation round (0 = as many as "
                                        "clients-per-round)")
-    strategy: str = _opt("fedavg", "server aggregation", STRATEGIES)
+    strategy: str = _opt("fedavg", "server aggregation (Flower's): fedavg, fedadam, or a robust "
+                         "one, fedmedian (coordinate-wise median), trimmed-mean (trim-beta "
+                         "cut at each end), krum (krum-byzantine assumed hostile)", STRATEGIES)
     server_lr: float = _opt(0.05, "server learning rate of fedadam")
+    trim_beta: float = _opt(0.2, "share of updates trimmed at each end by trimmed-mean")
+    krum_byzantine: int = _opt(0, "hostile sites krum assumes among those sampled")
     local_epochs: int = _opt(1, "passes over local data per round (in expectation, with DP)")
     batch_size: int = _opt(64, "expected batch size (Poisson sampling rate = batch/records)")
     optimizer: str = _opt("adam", "client optimizer", OPTIMIZERS)
@@ -77,6 +83,11 @@ class RunConfig:
     dropout_rate: float = _opt(0.0, "share of sampled sites that fail mid-round: after charging "
                                "their ledger and training, before replying")
     straggler_rate: float = _opt(0.0, "share of sampled sites that reply straggler-delay late")
+    attack: str = _opt("none", "simulated hostile sites' crafted update (simulation only): nan, "
+                       "shape (1-element arrays), scale or sign-flip (the update times "
+                       "+-attack-scale)", ATTACKS)
+    attack_rate: float = _opt(0.0, "share of sampled sites that attack")
+    attack_scale: float = _opt(10.0, "how much scale and sign-flip attacks magnify an update")
     straggler_delay: float = _opt(30.0, "seconds a straggler's reply is late (see "
                                   "round-timeout)")
     # --- privacy ----------------------------------------------------------------------------
@@ -147,6 +158,14 @@ class RunConfig:
             problems.append("dropout-rate and straggler-rate must be in [0, 1)")
         if self.straggler_delay < 0:
             problems.append("straggler-delay must be >= 0")
+        if not (0 <= self.attack_rate < 1 and 0 < self.attack_scale < math.inf):
+            problems.append("attack-rate must be in [0, 1) and attack-scale a positive number")
+        if not 0 < self.trim_beta < 0.5 or self.krum_byzantine < 0:
+            problems.append("trim-beta must be in (0, 0.5) and krum-byzantine >= 0")
+        if self.strategy in ROBUST_STRATEGIES and self.user_level:
+            problems.append(f"strategy {self.strategy} does not combine with user-level DP, "
+                            "whose noise is calibrated to a mean of clipped updates (one "
+                            "site moves it by at most clip / sampled): use fedavg or fedadam")
         if problems:
             raise ConfigError("; ".join(problems))
 
