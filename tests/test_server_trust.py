@@ -129,3 +129,32 @@ def test_user_level_dp_clips_a_scaled_update():
     arrays, _ = strategy.aggregate_train(1, [reply(huge, node=1)])
     # clipped to norm 1 around the global model, plus noise of std 1 * 1 / 2
     assert np.abs(arrays["w"].numpy() - GLOBAL["w"]).max() < 5
+
+
+def test_the_user_level_sampling_rate_counts_the_sites_the_draw_saw(monkeypatch):
+    # 10 sites expected, 5 per round, only 5 connected: Flower starts the round with those
+    # 5 and samples all of them, so the rate is 5/5, not 5/10 (which under-counts epsilon)
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.federation import _push
+    from server.strategy import user_level_release
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0, raising=False)
+
+    class Connected:
+        def get_node_ids(self):
+            return [11, 12, 13, 14, 15]
+
+        def push_messages(self, messages):
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+    config = RunConfig(dp_level="user", clients=10, clients_per_round=5)
+    strategy = build_strategy(config, available=10, server_draws=False)
+    phase = _push(Connected(), strategy, None, config.to_flat(), 1, "train",
+                  ArrayRecord({k: Array(np.asarray(v)) for k, v in GLOBAL.items()}),
+                  timeout=None)
+    assert len(phase.messages) == 5 and phase.available == 5
+    assert user_level_release(config, received=5, sampled=5,
+                              available=phase.available)[1] == 1.0
