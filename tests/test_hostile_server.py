@@ -163,3 +163,80 @@ def test_a_hostile_server_cannot_make_a_real_site_overspend_or_talk(tmp_path, se
         for cohort in book.cohorts_of_site("ward"):
             assert independent_rdp_epsilon(book.history(cohort), BUDGET_DELTA) \
                 <= BUDGET_EPSILON * 1.001
+
+
+def test_a_hostile_site_cannot_poison_or_stop_a_deployed_run(tmp_path, monkeypatch):
+    # A real `fedrnn server` and one honest `fedrnn client`; the second site is hostile: a
+    # real SuperNode whose executor answers with a ClientApp of the attacker's making,
+    # a different malformed reply every round.
+    import threading
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    import client.app
+    from client.node import SiteOptions, _free_port, _session
+    from shared.cli import main as cli
+
+    assert cli(["split", str(tmp_path / "sites"), "--dataset", "synthetic", "--task",
+                "classify", "--clients", "2"]) == 0
+    hostile = ClientApp()
+
+    @hostile.train()
+    def poison(msg: Message, context: Context) -> Message:
+        weights = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+        server_round = int(msg.content["config"]["server-round"])
+        metrics = {"num-examples": 10, "unit-weight": 1}
+        if server_round == 1:  # NaN everywhere
+            weights = {k: np.full_like(v, np.nan) for k, v in weights.items()}
+        elif server_round == 2:  # a (1,) array, which averaging would broadcast
+            weights = {k: np.full(1, 5e5, dtype=v.dtype) for k, v in weights.items()}
+        else:  # a negative weight, which would divide by zero with the honest site's
+            metrics["num-examples"] = -10
+        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in
+                                                          weights.items()}),
+                                   "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    @hostile.evaluate()
+    def lie(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord(
+            {"num-examples": 1e9, "loss": -5.0, "accuracy": 7.0, "auroc": 0.5,
+             "unit-weight": 1})}), reply_to=msg)
+
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_HOME": str(tmp_path / "home")}
+    out = tmp_path / "run"
+    procs = []
+    with (tmp_path / "server.log").open("w") as log_file:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "server", "--insecure", "--address",
+             f"127.0.0.1:{port}", "--min-clients", "2", "--rounds", "3", "--round-timeout",
+             "60", "--out", str(out), "--dataset", "synthetic", "--task", "classify",
+             "--hidden-size", "8", "--batch-size", "16"],
+            stdout=log_file, stderr=subprocess.STDOUT, env=env))
+    try:
+        with (tmp_path / "site.log").open("w") as log_file:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", "client", "--insecure", "--server",
+                 f"127.0.0.1:{port}", "--data", str(tmp_path / "sites" / "site-0.csv"),
+                 "--ledger", str(tmp_path / "site-0.sqlite"), "--budget-epsilon", "8",
+                 "--budget-delta", "1e-5"], stdout=log_file, stderr=subprocess.STDOUT,
+                env={**env, "FLWR_HOME": str(tmp_path / "site-home")}))
+        monkeypatch.setattr(client.app, "app", hostile)
+        attacker = SiteOptions(server=f"127.0.0.1:{port}", data=tmp_path / "sites" /
+                               "site-1.csv", ledger=tmp_path / "evil.sqlite", name="evil",
+                               budget_epsilon=8, budget_delta=1e-5, insecure=True)
+        threading.Thread(target=_session, args=(attacker,), daemon=True).start()
+        assert procs[0].wait(timeout=400) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["clients"] == 1 and r["rejected"] == 1 for r in rows)
+    assert all(0 <= r["accuracy"] <= 1 and r["loss"] >= 0 for r in rows)  # lies left out
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log and log.count("rejected:") >= 6
