@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -105,7 +106,7 @@ def _deployed_site(msg: Message, context: Context) -> tuple[Site, RunConfig, int
         raise Declined(P.DECLINED_POLICY, f"declined the run: {exc}") from None
     config = check_proposal(proposal, policy)
     ledger = Path(str(context.node_config["ledger"])).expanduser()
-    with Ledger(ledger) as book:
+    with Ledger(ledger, own=True) as book:
         secret = book.split_key
     name = str(context.node_config.get("name", "")) or Path(
         str(context.node_config["data"])).stem
@@ -139,7 +140,21 @@ def _parsed(values: str) -> RunConfig:
     return RunConfig.from_flat(json.loads(values))
 
 
+# Incoming weights beyond this are refused: a trained recurrent model's are of order 1, and
+# weights a server crafts to overflow a record's loss to NaN (an exact test of what the
+# records hold) need far larger ones.
+MAX_WEIGHT = 1e4
+
+
 def _global_model(config: RunConfig, msg: Message) -> SequenceModel:
+    """The server's weights, refused (``policy``, before anything is charged) unless every
+    one is finite and at most ``MAX_WEIGHT`` in size."""
+    state = msg.content[P.ARRAYS].to_torch_state_dict()
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not (
+                torch.isfinite(tensor).all() and tensor.abs().max() <= MAX_WEIGHT):
+            raise Declined(P.DECLINED_POLICY, f"the server's weight {name!r} holds values "
+                           f"that are not finite or beyond {MAX_WEIGHT:g}")
     model = build_model(config)
-    model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict())
+    model.load_state_dict(state)
     return model

@@ -80,6 +80,11 @@ def release(losses: np.ndarray, scores: np.ndarray, config: RunConfig, *, sigma:
     """The task's metrics from the noised sums; ``normal(n)`` draws n standard normals
     from the site's secure generator."""
     loss_bound, score_bound = bounds(config)
+    # A record whose loss or score is not finite (weights that overflow on it) counts as
+    # the worst value: what is released never depends on whether that happened.
+    worst_score = score_bound if config.task == "forecast" else 0.0
+    losses = np.nan_to_num(losses, nan=loss_bound, posinf=loss_bound, neginf=0.0)
+    scores = np.nan_to_num(scores, nan=worst_score, posinf=score_bound, neginf=0.0)
     sums = np.array([np.clip(losses, 0, loss_bound).sum() / loss_bound,
                      np.clip(scores, 0, score_bound).sum() / score_bound, float(len(losses))])
     noised = sums + sigma * SENSITIVITY * normal(3)

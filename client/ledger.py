@@ -25,8 +25,10 @@ only once on disk. The file is created owner-only (0600) before SQLite opens it.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -117,12 +119,23 @@ def _now() -> str:
 
 
 class Ledger:
-    """Open (creating if needed, owner-only) the ledger at ``path``."""
+    """Open (creating if needed, owner-only) the ledger at ``path``.
 
-    def __init__(self, path: str | Path) -> None:
+    ``own``: the ledger a site spends from must be its own: a regular file (not a link),
+    owned by this user and private to it. Another local user who planted a file at that
+    path would otherwise choose the site's budget and split key.
+    """
+
+    def __init__(self, path: str | Path, *, own: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         create_private(self.path)
+        if own:
+            info = os.lstat(self.path)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() \
+                    or info.st_mode & 0o077:
+                raise FedrnnError(f"{self.path}: a site's ledger must be a regular file of "
+                                  "its own user, readable by no one else (mode 0600)")
         try:
             self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             self._db.execute("PRAGMA synchronous=FULL")

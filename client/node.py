@@ -77,6 +77,7 @@ class SiteOptions:
     accountant: str = "rdp"
     eval_fraction: float = 0.2
     evaluate: bool = True
+    min_batch_size: int = 16
     root_cert: Path | None = None
     auth_key: Path | None = None
     insecure: bool = False
@@ -91,7 +92,7 @@ class SiteOptions:
         return {"data": str(self.data), "ledger": str(self.ledger), "name": self.name,
                   "budget-epsilon": self.budget_epsilon, "budget-delta": self.budget_delta,
                   "accountant": self.accountant, "eval-fraction": self.eval_fraction,
-                  "evaluate": self.evaluate}
+                  "evaluate": self.evaluate, "min-batch-size": self.min_batch_size}
 
 
 def _toml_value(value: object) -> str:
@@ -128,6 +129,8 @@ def check_options(options: SiteOptions) -> None:
         raise ConfigError(f"--accountant must be one of {', '.join(OFFERED_ACCOUNTANTS)}")
     if not 0 < options.eval_fraction < 1:
         raise ConfigError("--eval-fraction must be in (0, 1)")
+    if options.min_batch_size < 1:
+        raise ConfigError("--min-batch-size must be at least 1")
     if not options.max_wait >= 0:
         raise ConfigError("--max-wait must be 0 (keep trying) or a number of seconds")
 

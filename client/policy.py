@@ -40,6 +40,9 @@ class SitePolicy:
     accountant: str = "rdp"
     eval_fraction: float = 0.2
     evaluate: bool = True
+    # DP-SGD's sample rate 1/ceil(N/B) and its steps are public: a batch size of 1 would
+    # tell the number of training records exactly; the site never goes below this
+    min_batch_size: int = 16
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SitePolicy:
@@ -53,10 +56,11 @@ class SitePolicy:
                      budget_delta=float(node_config["budget-delta"]),
                      accountant=str(node_config.get("accountant", "rdp")),
                      eval_fraction=float(node_config.get("eval-fraction", 0.2)),
-                     evaluate=bool(node_config.get("evaluate", True)))
+                     evaluate=bool(node_config.get("evaluate", True)),
+                     min_batch_size=int(node_config.get("min-batch-size", 16)))
         if not (0 < policy.budget_epsilon < math.inf and 0 < policy.budget_delta < 1
                 and policy.accountant in OFFERED_ACCOUNTANTS
-                and 0 < policy.eval_fraction < 1):
+                and 0 < policy.eval_fraction < 1 and policy.min_batch_size >= 1):
             raise ValueError(f"the site's own policy is not valid: {policy}")
         return policy
 
@@ -90,4 +94,5 @@ def check_proposal(proposal: RunConfig, policy: SitePolicy) -> RunConfig:
     return proposal.replace(
         epsilon=min(proposal.epsilon, policy.budget_epsilon), delta=policy.budget_delta,
         accountant=policy.accountant, budget_epsilon=policy.budget_epsilon,
-        budget_delta=policy.budget_delta, eval_fraction=policy.eval_fraction)
+        budget_delta=policy.budget_delta, eval_fraction=policy.eval_fraction,
+        batch_size=max(proposal.batch_size, policy.min_batch_size))

@@ -83,7 +83,7 @@ def train_round(site: Site, config: RunConfig, server_round: int,
         result = train_local(model, site.data.train, config, noise_multiplier=0.0,
                              randomness=site.randomness)
         return _train_metrics(site, config, len(site.data.train), result, math.inf)
-    with Ledger(site.ledger) as ledger:
+    with Ledger(site.ledger, own=site.deployed) as ledger:
         charged = charge(
             ledger, keys=site.data.train_keys, budget=site.budget(config),
             plan=_training_planner(site, config, server_round),
@@ -124,7 +124,7 @@ def evaluate_round(site: Site, config: RunConfig, server_round: int,
                           rounds_left=_rounds_left(config, server_round))
         return None if sigma is None else (sigma, 1.0, 1)
 
-    with Ledger(site.ledger) as ledger:
+    with Ledger(site.ledger, own=site.deployed) as ledger:
         charged = charge(ledger, keys=site.data.eval_keys, budget=budget, plan=plan,
                          release=_release(site, config, server_round, "evaluate",
                                           MECHANISM_GAUSSIAN_SUM, SENSITIVITY))

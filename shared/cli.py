@@ -210,6 +210,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         server=args.server, data=data, ledger=ledger, name=args.name or data.stem,
         budget_epsilon=args.budget_epsilon, budget_delta=args.budget_delta,
         accountant=args.accountant, eval_fraction=args.eval_fraction, evaluate=args.evaluate,
+        min_batch_size=args.min_batch_size,
         root_cert=_absolute(args.root_cert), auth_key=_absolute(args.auth_key),
         insecure=args.insecure, max_wait=args.max_wait)
     return run_site(options)
@@ -413,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--eval-fraction", type=float, default=0.2, metavar="F",
                      help="share of this site's records held out for evaluation, chosen per "
                      "record by a keyed hash whose key stays in the ledger (default: 0.2)")
+    cli.add_argument("--min-batch-size", type=int, default=16, metavar="B",
+                     help="the smallest expected batch the site trains with, whatever the "
+                     "server asks: DP-SGD's public sample rate 1/ceil(records/B) tells the "
+                     "number of records to within B (default: 16)")
     cli.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                      help="answer evaluation requests with DP-noised metrics charged to the "
                      "evaluation records' budget (default); --no-evaluate declines them")

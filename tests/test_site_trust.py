@@ -170,6 +170,62 @@ def test_what_leaves_a_site_is_exactly_what_the_threat_model_lists(site):
     metrics = trained.content[P.METRICS]
     with ledger_of(site) as ledger:
         release = ledger.releases()[0]
-    assert metrics[P.NUM_EXAMPLES] == round(PROPOSAL.batch_size / release.sample_rate)
+    # (the site's own minimum batch, 16, over the proposal's 8)
+    assert metrics[P.NUM_EXAMPLES] == round(max(PROPOSAL.batch_size, 16) / release.sample_rate)
     assert metrics[P.EPSILON] > 0
     assert set(P.REASONS.values()) == _documented("errors")
+
+
+def test_weights_crafted_to_test_the_records_are_refused_before_any_charge(site):
+    # a NaN (or huge) row: only records holding that token or value would turn NaN, an
+    # exact answer whatever the noise. Refused as policy, nothing charged.
+    for bad in (math.nan, math.inf, 1e6):
+        weights = build_model(PROPOSAL).state_dict()
+        name = next(iter(weights))
+        weights[name] = weights[name].clone()
+        weights[name].view(-1)[0] = bad
+        for kind in ("train", "evaluate"):
+            assert declined(send(site, kind, weights=weights), "policy")
+    with ledger_of(site) as ledger:
+        assert ledger.releases() == []
+
+
+def test_a_non_finite_record_does_not_change_the_shape_of_an_evaluation():
+    import numpy as np
+
+    from client.evaluation import release
+
+    zero = lambda n: np.zeros(n)  # noqa: E731  no noise: the sums themselves
+    clean = release(np.array([0.5, 0.5]), np.array([1.0, 1.0]), PROPOSAL, sigma=1.0,
+                    normal=zero)
+    poisoned = release(np.array([0.5, math.nan]), np.array([1.0, math.nan]), PROPOSAL,
+                       sigma=1.0, normal=zero)
+    assert all(math.isfinite(v) for k, v in poisoned.items() if k != "auroc")
+    assert poisoned["num-examples"] == clean["num-examples"]
+
+
+def test_labels_a_run_lacks_leave_records_out_instead_of_declining(site):
+    # a server probing for a rare label gets no refusal back: records of other classes
+    # simply take no part
+    assert not send(site, "train", labels="well,hiv").has_error()
+
+
+def test_the_site_never_trains_with_a_batch_below_its_own_minimum(site):
+    reply = send(site, "train", batch_size=1)
+    with ledger_of(site) as ledger:
+        release = ledger.releases()[-1]
+    # 1 / sample rate is the number of batches of 16, not the number of records
+    assert release.sample_rate == 1 / math.ceil(release.records / 16)
+    assert reply.content[P.METRICS][P.NUM_EXAMPLES] % 16 == 0
+
+
+def test_a_ledger_another_user_could_have_planted_is_refused(site, tmp_path):
+    planted = tmp_path / "planted.sqlite"
+    Ledger(planted).close()
+    planted.chmod(0o644)  # readable (and so possibly replaced) by others
+    site.node_config["ledger"] = str(planted)
+    assert declined(send(site, "train"), "internal")
+    link = tmp_path / "link.sqlite"
+    link.symlink_to(tmp_path / "site.sqlite")
+    site.node_config["ledger"] = str(link)
+    assert declined(send(site, "train"), "internal")

@@ -14,6 +14,7 @@ charges, record by record.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from shared.data.readers import read_file
 from shared.data.tensors import SequenceTensors, encode_series, encode_text, local_scaling
 from shared.data.tokenizers import make_tokenizer
 from shared.errors import ConfigError, DataError
+
+log = logging.getLogger("fedrnn")
 
 __all__ = ["ClientData", "Corpus", "SequenceTensors", "check_schema", "client_data",
            "load_corpus", "partition_corpus", "resolve", "site_data"]
@@ -84,9 +87,14 @@ def schema_from_flags(config: RunConfig) -> RunConfig:
     return config
 
 
-def check_schema(corpus: Corpus, config: RunConfig) -> RunConfig:
+def check_schema(corpus: Corpus, config: RunConfig, *, site: bool = False) -> RunConfig:
     """``resolve`` for a corpus already read: check it against the task and the run's schema
-    (where the run fixes one) and fill in what the run leaves open."""
+    (where the run fixes one) and fill in what the run leaves open.
+
+    ``site``: a deployed site's check of its own file against a server's run. Only the
+    file's form is checked (its kind, its columns), never what its records hold: a refusal
+    that depended on a record's label would answer a server's question about it for free.
+    """
     source = corpus.source
     if config.task == "lm" and corpus.kind != "text":
         raise DataError(source, "task lm needs text records (a 'text' column); this file holds "
@@ -98,6 +106,8 @@ def check_schema(corpus: Corpus, config: RunConfig) -> RunConfig:
     if config.task == "classify":
         if corpus.labels is None:
             raise DataError(source, "task classify needs a 'label' for every record")
+        if site:
+            return config
         found = corpus.label_set
         if len(found) < 2:
             raise DataError(source, f"task classify needs at least two classes; found "
@@ -148,13 +158,20 @@ def _site_data_cached(config: RunConfig, path: str, _mtime: int, name: str, secr
     if corpus.kind == "text" and config.features:
         raise DataError(path, f"holds text, but the server's run is on numeric sequences "
                               f"(features {config.features})")
-    config = check_schema(corpus, config)
+    config = check_schema(corpus, config, site=True)
     every = np.arange(len(corpus), dtype=np.int64)
-    if len(every) < 2:
-        raise DataError(path, f"holds {len(every)} record(s); a site needs at least 2 "
-                              "(one to train on, one to evaluate)")
     keys = _keys_cached(path, _mtime)
     evaluating = held_out(keys, secret=secret, eval_fraction=eval_fraction)
+    if config.task == "classify":
+        # records of classes the run does not have take no part (and decline nothing)
+        known = np.isin(corpus.labels.astype(str), config.label_names)
+        if not known.all():
+            log.warning("%s: %d record(s) of classes the run does not have are left out",
+                        path, int((~known).sum()))
+        every, evaluating = every[known], evaluating[known]
+    if len(every) < 2:
+        raise DataError(path, f"holds {len(every)} usable record(s); a site needs at least 2 "
+                              "(one to train on, one to evaluate)")
     return _client(corpus, config, name, keys, every[~evaluating], every[evaluating])
 
 
