@@ -166,9 +166,10 @@ def test_a_hostile_server_cannot_make_a_real_site_overspend_or_talk(tmp_path, se
 
 
 def test_a_hostile_site_cannot_poison_or_stop_a_deployed_run(tmp_path, monkeypatch):
-    # A real `fedrnn server` and one honest `fedrnn client`; the second site is hostile: a
-    # real SuperNode whose executor answers with a ClientApp of the attacker's making,
-    # a different malformed reply every round.
+    # A real `fedrnn server` for the sites' own messages (JSONL; the schema from flags) and
+    # one honest `fedrnn client`; the second site is hostile: a real SuperNode whose
+    # executor answers with a ClientApp of the attacker's making, a different malformed
+    # reply every round.
     import threading
 
     import numpy as np
@@ -180,7 +181,7 @@ def test_a_hostile_site_cannot_poison_or_stop_a_deployed_run(tmp_path, monkeypat
     from shared.cli import main as cli
 
     assert cli(["split", str(tmp_path / "sites"), "--dataset", "synthetic", "--task",
-                "classify", "--clients", "2"]) == 0
+                "lm", "--clients", "2"]) == 0  # messages labelled long or short
     hostile = ClientApp()
 
     @hostile.train()
@@ -212,14 +213,14 @@ def test_a_hostile_site_cannot_poison_or_stop_a_deployed_run(tmp_path, monkeypat
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "shared.cli", "server", "--insecure", "--address",
              f"127.0.0.1:{port}", "--min-clients", "2", "--rounds", "3", "--round-timeout",
-             "60", "--out", str(out), "--dataset", "synthetic", "--task", "classify",
+             "60", "--out", str(out), "--task", "classify", "--labels", "long,short",
              "--hidden-size", "8", "--batch-size", "16"],
             stdout=log_file, stderr=subprocess.STDOUT, env=env))
     try:
         with (tmp_path / "site.log").open("w") as log_file:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "shared.cli", "client", "--insecure", "--server",
-                 f"127.0.0.1:{port}", "--data", str(tmp_path / "sites" / "site-0.csv"),
+                 f"127.0.0.1:{port}", "--data", str(tmp_path / "sites" / "site-0.jsonl"),
                  "--ledger", str(tmp_path / "site-0.sqlite"), "--budget-epsilon", "8",
                  "--budget-delta", "1e-5"], stdout=log_file, stderr=subprocess.STDOUT,
                 env={**env, "FLWR_HOME": str(tmp_path / "site-home")}))
