@@ -1,9 +1,8 @@
-"""Hostile simulated sites (``--attack``): malformed updates are rejected and counted, and a
-robust strategy bounds what a scaled update does to the model where FedAvg does not."""
+"""Hostile simulated sites (``--attack``): a robust strategy bounds what a scaled update does
+to the model where FedAvg does not. (Malformed updates are rejected: tests/test_server_trust.py
+for each kind, tests/test_hostile_server.py on a real deployment.)"""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -30,16 +29,6 @@ def test_crafted_updates():
     assert craft("shape", g, t, 10)["w"].shape == (1,)
     assert (craft("scale", g, t, 10)["w"] == 10).all()
     assert (craft("sign-flip", g, t, 10)["w"] == -10).all()
-
-
-def test_nan_updates_are_rejected_counted_and_the_run_goes_on(tmp_path, capsys):
-    out = tmp_path / "nan"
-    assert main([*COMMON, "--attack", "nan", "--out", str(out)]) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["rejected_ids"] for r in rows] == [_attackers(r) for r in (1, 2, 3)]
-    assert all(r["clients"] == 10 - r["rejected"] for r in rows)
-    assert all(r["loss"] == r["loss"] for r in rows)  # never NaN
-    assert "rejected: weight" in capsys.readouterr().err
 
 
 def _norm(out) -> float:

@@ -39,8 +39,7 @@ PROPOSAL = RunConfig(task="classify", labels="sick,well", features="hr,temp", hi
                      batch_size=8, rounds=3, run_id="hostile")
 ATTACKS = [
     ("train", {"epsilon": math.inf}),  # noise off
-    ("train", {"accountant": "gdp"}),  # an accountant that under-counts
-    ("evaluate", {"dp": False, "eval-fraction": 0.99}),  # exact metrics on most records
+    # (an accountant that under-counts, dp off and the rest: tests/test_site_trust.py)
     # a raised budget, the server's delta, a huge epsilon in one round: spend it all now
     ("train", {"budget-epsilon": 1000.0, "budget-delta": 0.9, "delta": 0.9,
                "epsilon": 1e6, "rounds": 1, "noise-multiplier": 0.0}),
@@ -148,9 +147,8 @@ def test_a_hostile_server_cannot_make_a_real_site_overspend_or_talk(tmp_path, se
 
     got = json.loads(replies.read_text())
     assert [(r["kind"], r["reason"]) for r in got] == [
-        ("train", "policy"), ("train", "policy"), ("evaluate", "policy"),
-        ("train", None), ("train", "budget"), ("evaluate", None)]
-    trained, evaluated = got[3], got[5]
+        ("train", "policy"), ("train", None), ("train", "budget"), ("evaluate", None)]
+    trained, evaluated = got[1], got[3]
     assert trained["records"] == ["arrays", "metrics"] and evaluated["records"] == ["metrics"]
     assert "train-loss" not in trained["metrics"] and trained["metrics"]["noise-multiplier"] > 0
     assert evaluated["metrics"]["auroc"] != evaluated["metrics"]["auroc"]  # NaN: not released
@@ -191,9 +189,9 @@ def test_a_hostile_site_cannot_poison_or_stop_a_deployed_run(tmp_path, monkeypat
         metrics = {"num-examples": 10, "unit-weight": 1}
         if server_round == 1:  # NaN everywhere
             weights = {k: np.full_like(v, np.nan) for k, v in weights.items()}
-        elif server_round == 2:  # a (1,) array, which averaging would broadcast
+        else:  # a (1,) array, which averaging would broadcast
             weights = {k: np.full(1, 5e5, dtype=v.dtype) for k, v in weights.items()}
-        else:  # a negative weight, which would divide by zero with the honest site's
+        if server_round == 2:  # and a negative weight, dividing by zero with the honest one
             metrics["num-examples"] = -10
         return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in
                                                           weights.items()}),
@@ -212,7 +210,7 @@ def test_a_hostile_site_cannot_poison_or_stop_a_deployed_run(tmp_path, monkeypat
     with (tmp_path / "server.log").open("w") as log_file:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "shared.cli", "server", "--insecure", "--address",
-             f"127.0.0.1:{port}", "--min-clients", "2", "--rounds", "3", "--round-timeout",
+             f"127.0.0.1:{port}", "--min-clients", "2", "--rounds", "2", "--round-timeout",
              "60", "--out", str(out), "--task", "classify", "--labels", "long,short",
              "--hidden-size", "8", "--batch-size", "16"],
             stdout=log_file, stderr=subprocess.STDOUT, env=env))
@@ -236,8 +234,8 @@ def test_a_hostile_site_cannot_poison_or_stop_a_deployed_run(tmp_path, monkeypat
                 proc.terminate()
                 proc.wait(timeout=30)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["round"] for r in rows] == [1, 2]
     assert all(r["clients"] == 1 and r["rejected"] == 1 for r in rows)
     assert all(0 <= r["accuracy"] <= 1 and r["loss"] >= 0 for r in rows)  # lies left out
     log = (tmp_path / "server.log").read_text()
-    assert "Traceback" not in log and log.count("rejected:") >= 6
+    assert "Traceback" not in log and log.count("rejected:") >= 4
