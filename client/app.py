@@ -12,10 +12,10 @@ hands the round to ``client.site`` and wraps its answer, or its refusal, in a re
 - A simulated site (node config ``partition-id``) serves the partition its slot is given
   and keeps its ledger in the run's ``ledger-dir``.
 
-The training code (``client.training``, with Opacus) is imported by the handlers, not
+The training code (``fedrnn.client.training``, with Opacus) is imported by the handlers, not
 here: a simulation's driver imports this module only to hand ``app`` to Flower's engine,
 and Opacus would cost it 1.4 s of CPU beside workers that are busy importing it too.
-Processes that serve sites import it up front (``simulations.worker_preload``).
+Processes that serve sites import it up front (``fedrnn.simulations.worker_preload``).
 """
 
 from __future__ import annotations
@@ -30,19 +30,19 @@ import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.attacks import attack_mod
-from client.faults import fault_mod
-from client.ledger import Ledger
-from client.policy import Declined, SitePolicy, check_proposal
-from client.site import SIMULATION_LEDGER, Site, evaluate_round, train_round
-from client.slots import partition_id
-from client.spending import BudgetExhausted
-from shared import protocol as P
-from shared.config import RunConfig
-from shared.data import client_data, site_data
-from shared.errors import ConfigError, DataError
-from shared.models import SequenceModel, build_model
-from shared.randomness import SiteRandomness
+from fedrnn.client.attacks import attack_mod
+from fedrnn.client.faults import fault_mod
+from fedrnn.client.ledger import Ledger
+from fedrnn.client.policy import Declined, SitePolicy, check_proposal
+from fedrnn.client.site import SIMULATION_LEDGER, Site, evaluate_round, train_round
+from fedrnn.client.slots import partition_id
+from fedrnn.client.spending import BudgetExhausted
+from fedrnn.shared import protocol as P
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data import client_data, site_data
+from fedrnn.shared.errors import ConfigError, DataError
+from fedrnn.shared.models import SequenceModel, build_model
+from fedrnn.shared.randomness import SiteRandomness
 
 log = logging.getLogger("fedrnn")
 

@@ -21,8 +21,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.slots import partition_id
-from shared import protocol as P
+from fedrnn.client.slots import partition_id
+from fedrnn.shared import protocol as P
 
 
 def is_attacker(*, seed: int, server_round: int, partition_id: int, rate: float) -> bool:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.ledger import Ledger
-from shared.errors import FedrnnError
-from shared.privacy import History, epsilon
+from fedrnn.client.ledger import Ledger
+from fedrnn.shared.errors import FedrnnError
+from fedrnn.shared.privacy import History, epsilon
 
 PRV_EPS_ERROR = 0.01  # Opacus's default accuracy of the PRV accountant
 

@@ -6,8 +6,8 @@ import base64
 import html
 from datetime import UTC, datetime
 
-from client.audit import Audit, table
-from shared.plots import png_bytes, pyplot
+from fedrnn.client.audit import Audit, table
+from fedrnn.shared.plots import png_bytes, pyplot
 
 MECHANISMS = """
 <ul>

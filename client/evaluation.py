@@ -11,7 +11,7 @@ with the loss clipped to [0, L] and the score (correct or not; a sequence's toke
 accuracy; a forecast's mean absolute error) to [0, M]. Noise of std ``sigma *
 SENSITIVITY`` is added to each sum; the metrics are ratios of the noised sums (loss,
 accuracy or MAE per record) and the noised count, all post-processing. The release is
-charged to the evaluation records' budget before it is made (``client.spending``), as
+charged to the evaluation records' budget before it is made (``fedrnn.client.spending``), as
 one Gaussian mechanism of noise multiplier ``sigma`` (sample rate 1, one step).
 
 Metrics average over records here (a token-weighted mean would need a per-record weight
@@ -26,11 +26,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from shared import tasks
-from shared.config import RunConfig
-from shared.data import SequenceTensors
-from shared.data.tokenizers import make_tokenizer
-from shared.models import SequenceModel
+from fedrnn.shared import tasks
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data import SequenceTensors
+from fedrnn.shared.data.tokenizers import make_tokenizer
+from fedrnn.shared.models import SequenceModel
 
 SENSITIVITY = math.sqrt(3.0)  # the norm of (loss / L, score / M, 1) at most
 FORECAST_LOSS_BOUND = 4.0  # MSE of standardised values (z clipped to +-5 in the inputs)

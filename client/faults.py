@@ -19,8 +19,8 @@ import numpy as np
 from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.slots import partition_id
-from shared import protocol as P
+from fedrnn.client.slots import partition_id
+from fedrnn.shared import protocol as P
 
 DROP = "drop"
 STRAGGLE = "straggle"

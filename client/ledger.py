@@ -17,7 +17,7 @@ a record that an edit of the data moves to another simulated site keeps its hist
 - ``meta``: the ledger's format version and the site's split key, a 256-bit secret from
   the operating system that never leaves this file.
 
-A record's privacy loss is the composition of its cohort's releases (``client.spending``
+A record's privacy loss is the composition of its cohort's releases (``fedrnn.client.spending``
 checks and charges). Durability: WAL journal with ``synchronous=FULL``; a commit returns
 only once on disk. The file is created owner-only (0600) before SQLite opens it.
 """
@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from shared.errors import FedrnnError
-from shared.files import create_private
-from shared.privacy import History
+from fedrnn.shared.errors import FedrnnError
+from fedrnn.shared.files import create_private
+from fedrnn.shared.privacy import History
 
 FORMAT = "2"  # per-record accounting
 SCHEMA = """

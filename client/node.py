@@ -46,11 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client.policy import OFFERED_ACCOUNTANTS
-from shared import protocol as P
-from shared.errors import ConfigError, DataError, FedrnnError
-from shared.files import write_atomic
-from shared.processes import die_with_parent, flower_bin, stop
+from fedrnn.client.policy import OFFERED_ACCOUNTANTS
+from fedrnn.shared import protocol as P
+from fedrnn.shared.errors import ConfigError, DataError, FedrnnError
+from fedrnn.shared.files import write_atomic
+from fedrnn.shared.processes import die_with_parent, flower_bin, stop
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -138,9 +138,9 @@ def check_options(options: SiteOptions) -> None:
 def read_site_records(options: SiteOptions) -> int:
     """Read and check the records file now, so a bad file fails before connecting. The
     read is cached: the first round trains on it without reading it again."""
-    from shared.config import RunConfig
-    from shared.data import load_corpus
-    from shared.errors import DataError
+    from fedrnn.shared.config import RunConfig
+    from fedrnn.shared.data import load_corpus
+    from fedrnn.shared.errors import DataError
 
     corpus = load_corpus(RunConfig(data=str(options.data)))
     if len(corpus) < 2:
@@ -166,8 +166,8 @@ def _run_site(options: SiteOptions) -> int:
     log.info("site %s: %d records in %s, ledger %s", options.name, n_records, options.data,
              options.ledger)
     # Imported before connecting: the first round must not wait for torch and Opacus.
-    import client.app  # noqa: F401
-    import client.training  # noqa: F401
+    import fedrnn.client.app  # noqa: F401
+    import fedrnn.client.training  # noqa: F401
 
     last_contact = time.monotonic()
     while True:
@@ -388,7 +388,7 @@ def run_task(runtime_address: str, token: str, supernode: subprocess.Popen, *,
         push_task_output,
     )
 
-    from client.app import app as client_app
+    from fedrnn.client.app import app as client_app
 
     retry = make_simple_http_retry_invoker()
     flowers_rule = retry.should_giveup

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from client.ledger import Budget
-from shared.config import RunConfig
+from fedrnn.client.ledger import Budget
+from fedrnn.shared.config import RunConfig
 
 OFFERED_ACCOUNTANTS = ("rdp", "prv")  # GDP's CLT approximation can under-count small runs
 
@@ -78,7 +78,7 @@ def check_proposal(proposal: RunConfig, policy: SitePolicy) -> RunConfig:
     and an accountant the site does not offer. The epsilon the server asks for is kept
     only where it is below the site's budget: a run may spend less, never more.
     """
-    from shared import protocol as P
+    from fedrnn.shared import protocol as P
 
     problems = []
     if not proposal.dp or not proposal.record_level:

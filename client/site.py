@@ -1,6 +1,6 @@
 """One round at one site, without Flower: check, charge, train or evaluate, reply.
 
-``client.app`` calls these from Flower's handlers; the simulation benchmark calls them in a
+``fedrnn.client.app`` calls these from Flower's handlers; the simulation benchmark calls them in a
 plain loop. Two kinds of site:
 
 - a **deployed** site (``Site.policy`` set) follows its own policy (``client.policy``):
@@ -11,7 +11,7 @@ plain loop. Two kinds of site:
   party), reports exact evaluation metrics and its training loss, and draws its
   randomness from the run's seed, so a seeded run repeats bit for bit.
 
-Both account per record in a ledger (``client.spending``): records whose budget is spent
+Both account per record in a ledger (``fedrnn.client.spending``): records whose budget is spent
 retire, in a simulation with ``--ledger-dir`` as in a deployment.
 """
 
@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch
 
-from client.evaluation import SENSITIVITY, per_record, release
-from client.ledger import MECHANISM_DPSGD, MECHANISM_GAUSSIAN_SUM, Budget, Ledger, Release
-from client.policy import Declined, SitePolicy
-from client.spending import Planner, charge, noise_for
-from shared import protocol as P
-from shared.config import RunConfig
-from shared.data import ClientData
-from shared.models import SequenceModel
-from shared.privacy import sample_rate, steps_per_round
-from shared.randomness import SiteRandomness
+from fedrnn.client.evaluation import SENSITIVITY, per_record, release
+from fedrnn.client.ledger import MECHANISM_DPSGD, MECHANISM_GAUSSIAN_SUM, Budget, Ledger, Release
+from fedrnn.client.policy import Declined, SitePolicy
+from fedrnn.client.spending import Planner, charge, noise_for
+from fedrnn.shared import protocol as P
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data import ClientData
+from fedrnn.shared.models import SequenceModel
+from fedrnn.shared.privacy import sample_rate, steps_per_round
+from fedrnn.shared.randomness import SiteRandomness
 
 log = logging.getLogger("fedrnn")
 
@@ -68,7 +68,7 @@ def train_round(site: Site, config: RunConfig, server_round: int,
     With record-level DP the release is charged first, for the records whose budget
     allows it, and the update is released only if DP-SGD ran exactly what was charged.
     """
-    from client.training import train as train_local
+    from fedrnn.client.training import train as train_local
 
     if not site.data.train_keys:
         raise Declined(P.FAILED_DATA, f"site {site.name} holds no training records")
@@ -107,7 +107,7 @@ def evaluate_round(site: Site, config: RunConfig, server_round: int,
                    model: SequenceModel) -> dict[str, float]:
     """The reply's metrics of ``model`` on ``site``'s evaluation records: exact for a
     simulated site, a charged DP release for a deployed one."""
-    from client.training import evaluate as evaluate_exact
+    from fedrnn.client.training import evaluate as evaluate_exact
 
     if not site.deployed:
         return evaluate_exact(model, site.data.eval, config)

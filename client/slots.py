@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flwr.app import Context, Message
 
-from shared import protocol as P
+from fedrnn.shared import protocol as P
 
 
 def partition_id(msg: Message, context: Context) -> int:

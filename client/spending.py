@@ -20,9 +20,9 @@ import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from client.ledger import Budget, Ledger, Release
-from shared.errors import FedrnnError
-from shared.privacy import History, calibrate_after, calibrate_noise, epsilon
+from fedrnn.client.ledger import Budget, Ledger, Release
+from fedrnn.shared.errors import FedrnnError
+from fedrnn.shared.privacy import History, calibrate_after, calibrate_noise, epsilon
 
 log = logging.getLogger("fedrnn")
 

@@ -26,13 +26,13 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from shared import tasks
-from shared.config import RunConfig
-from shared.data import SequenceTensors
-from shared.memory import reuse_freed_memory
-from shared.models import SequenceModel
-from shared.privacy import History, sample_rate, steps_per_round
-from shared.randomness import SiteRandomness
+from fedrnn.shared import tasks
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data import SequenceTensors
+from fedrnn.shared.memory import reuse_freed_memory
+from fedrnn.shared.models import SequenceModel
+from fedrnn.shared.privacy import History, sample_rate, steps_per_round
+from fedrnn.shared.randomness import SiteRandomness
 
 # Opacus's hooks fire on modules whose inputs need no gradient (the first layer); torch
 # warns about it on every backward pass, although the per-sample gradients are right.
@@ -52,7 +52,7 @@ def train(model: SequenceModel, data: SequenceTensors, config: RunConfig, *,
 
     ``noise_multiplier`` None trains without DP (``--no-dp`` baselines): shuffled batches of
     ``config.batch_size``. Otherwise every step samples a Poisson batch at rate
-    ``shared.privacy.sample_rate(N, batch_size)``, ``steps_per_round`` steps in all,
+    ``fedrnn.shared.privacy.sample_rate(N, batch_size)``, ``steps_per_round`` steps in all,
     clips each record's gradient to ``config.clip_norm`` and adds noise of std
     ``noise_multiplier * clip_norm``; batches and noise come from ``randomness``, which
     must be the site's own (``SiteRandomness.from_os`` when deployed).
@@ -184,7 +184,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     ``loader`` is used as it is (``poisson_sampling=False``): ``poisson_sampling=True``
     would replace its sampler by Opacus's ``DPDataLoader``, whose batches come from torch's
     generator and number ``int(1/q)``, and then account with ``q = 1/int(1/q)``. With a
-    ``poisson_loader``, ``1 / len(loader)`` is exactly ``shared.privacy.sample_rate``.
+    ``poisson_loader``, ``1 / len(loader)`` is exactly ``fedrnn.shared.privacy.sample_rate``.
     """
     engine = _SitePrivacyEngine(accountant=accountant, randomness=randomness)
     trained, private, _, loader = engine.make_private(

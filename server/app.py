@@ -14,10 +14,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.federation import run_federation
-from shared.config import RunConfig
-from shared.errors import FedrnnError
-from shared.logs import console_logging
+from fedrnn.server.federation import run_federation
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.errors import FedrnnError
+from fedrnn.shared.logs import console_logging
 
 
 def make_app(config: RunConfig | None = None, *,

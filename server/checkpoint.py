@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.files import write_atomic
+from fedrnn.shared.files import write_atomic
 
 CHECKPOINT = "checkpoint.pt"
 

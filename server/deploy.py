@@ -2,7 +2,7 @@
 
 The SuperLink (Flower's deployment engine) serves sites over HTTPS on ``--address``,
 optionally admitting only sites whose public keys were authorised (``--require-auth``).
-That address answers the Fleet API and nothing else (``server.superlink``); the Control
+That address answers the Fleet API and nothing else (``fedrnn.server.superlink``); the Control
 and Runtime APIs are on a loopback port of their own. This process starts the SuperLink,
 registers the authorised keys through its Control API (on loopback), submits
 the fedrnn app as a run (a FAB built from the installed code, with the run's resolved
@@ -28,9 +28,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import RunConfig, dump_toml
-from shared.errors import ConfigError, FedrnnError
-from shared.processes import die_with_parent, stop
+from fedrnn.shared.config import RunConfig, dump_toml
+from fedrnn.shared.errors import ConfigError, FedrnnError
+from fedrnn.shared.processes import die_with_parent, stop
 
 log = logging.getLogger("fedrnn")
 
@@ -85,7 +85,7 @@ def check_server_config(config: RunConfig) -> RunConfig:
     """The run a deployed server can start: a schema fixed without anyone's records, by a
     built-in dataset's (public) schema, or by the flags (``dataset`` empty: the sites'
     own records)."""
-    from shared.data import resolve
+    from fedrnn.shared.data import resolve
 
     if config.data:
         raise ConfigError("the server holds no records: drop --data; fix the schema with "
@@ -107,7 +107,7 @@ def check_server_config(config: RunConfig) -> RunConfig:
 
 def prepare_out(config: RunConfig) -> tuple[RunConfig, bool]:
     """The run directory: new, or one to resume. Returns (config, resuming)."""
-    from server.checkpoint import CHECKPOINT
+    from fedrnn.server.checkpoint import CHECKPOINT
 
     out = Path(config.out).expanduser().resolve()
     config = config.replace(out=str(out))
@@ -149,7 +149,7 @@ def run_server(config: RunConfig, options: ServerOptions) -> Path:
     local_port = _free_loopback_port()
     # Flower's SuperLink with its Fleet API alone on the sites' address; the Control and
     # Runtime APIs on loopback only (server.superlink says why)
-    cmd = [sys.executable, "-m", "server.superlink", "--public", f"{host}:{port}",
+    cmd = [sys.executable, "-m", "fedrnn.server.superlink", "--public", f"{host}:{port}",
            "--host", "127.0.0.1", "--port", str(local_port),
            "--disable-runtime-dependency-installation"]
     if options.insecure:
@@ -260,13 +260,15 @@ def build_fab(config: RunConfig) -> bytes:
     ``[tool.flwr.app.config]`` is this run's config."""
     from flwr.cli.build import build_fab_from_files
 
-    import shared
+    import fedrnn.shared
 
-    root = Path(shared.__file__).resolve().parent.parent
+    # The source tree keeps the design's four folders; the bundle lays them out as the
+    # installed ``fedrnn.*`` packages, so the bundle imports the same names without fedrnn.
+    root = Path(fedrnn.shared.__file__).resolve().parent.parent
     files: dict[str, bytes | Path] = {"pyproject.toml": _pyproject(config).encode()}
     for package in APP_PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
-            files[path.relative_to(root).as_posix()] = path
+            files["fedrnn/" + path.relative_to(root).as_posix()] = path
     return build_fab_from_files(files)[0]
 
 
@@ -282,8 +284,8 @@ def _pyproject(config: RunConfig) -> str:
         f'[project]\nname = "fedrnn"\nversion = "{app_version}"\ndependencies = []\n\n'
         '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
         '[tool.flwr.app]\npublisher = "fedrnn"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "server.app:app"\n'
-        'clientapp = "client.app:app"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "fedrnn.server.app:app"\n'
+        'clientapp = "fedrnn.client.app:app"\n\n'
         "[tool.flwr.app.config]\n" + dump_toml(config)
     )
 

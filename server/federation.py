@@ -24,25 +24,25 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from server import checkpoint
-from server.records import RunRecord
-from server.sampling import (
+from fedrnn.server import checkpoint
+from fedrnn.server.records import RunRecord
+from fedrnn.server.sampling import (
     ClientSampler,
     is_simulation,
     nodes_in_partition_order,
     simulation_slots,
     wait_for_nodes,
 )
-from server.strategy import EPSILON_MAX, build_strategy, user_level_release
-from server.validation import Shape, check_evaluate_reply, check_train_reply, uniform_weight
-from shared import protocol as P
-from shared.config import RunConfig
-from shared.data import resolve
-from shared.errors import FedrnnError
-from shared.models import build_model
-from shared.plots import import_in_background
-from shared.privacy import History, epsilon
-from shared.tasks import METRICS
+from fedrnn.server.strategy import EPSILON_MAX, build_strategy, user_level_release
+from fedrnn.server.validation import Shape, check_evaluate_reply, check_train_reply, uniform_weight
+from fedrnn.shared import protocol as P
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data import resolve
+from fedrnn.shared.errors import FedrnnError
+from fedrnn.shared.models import build_model
+from fedrnn.shared.plots import import_in_background
+from fedrnn.shared.privacy import History, epsilon
+from fedrnn.shared.tasks import METRICS
 
 log = logging.getLogger("fedrnn")
 

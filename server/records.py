@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from shared.config import RunConfig, dump_toml
-from shared.files import write_atomic
-from shared.plots import png_bytes, pyplot
-from shared.tasks import METRICS
+from fedrnn.shared.config import RunConfig, dump_toml
+from fedrnn.shared.files import write_atomic
+from fedrnn.shared.plots import png_bytes, pyplot
+from fedrnn.shared.tasks import METRICS
 
 
 def _json_value(value: Any) -> Any:

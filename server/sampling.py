@@ -33,10 +33,10 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from shared import protocol as P
-from shared.config import RunConfig
-from shared.data.partition import is_holdout_client
-from shared.errors import FedrnnError
+from fedrnn.shared import protocol as P
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data.partition import is_holdout_client
+from fedrnn.shared.errors import FedrnnError
 
 log = logging.getLogger("fedrnn")
 

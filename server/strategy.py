@@ -25,10 +25,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from shared import protocol as P
-from shared.config import RunConfig
-from shared.errors import ConfigError
-from shared.randomness import SiteRandomness
+from fedrnn.shared import protocol as P
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.errors import ConfigError
+from fedrnn.shared.randomness import SiteRandomness
 
 EPSILON_MAX = "epsilon-max"
 CLIENTS = "clients"

@@ -19,7 +19,7 @@ everything else are Flower's, with Flower's flags. The filter keys on the socket
 connection arrived on (ASGI's ``scope["server"]``), so it holds for every peer, loopback
 ones included.
 
-Run as ``python -m server.superlink --public HOST:PORT [flower-superlink flags]``.
+Run as ``python -m fedrnn.server.superlink --public HOST:PORT [flower-superlink flags]``.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     # the module (its package exports a function of the same name)
     flower = importlib.import_module("flwr.superlink.cli.flower_superlink")
 
-    parser = argparse.ArgumentParser(prog="python -m server.superlink")
+    parser = argparse.ArgumentParser(prog="python -m fedrnn.server.superlink")
     parser.add_argument("--public", required=True, metavar="HOST:PORT",
                         help="the sites' address: the Fleet API only")
     args, flower_args = parser.parse_known_args(argv)

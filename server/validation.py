@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Message, MetricRecord
 
-from shared import protocol as P
-from shared.tasks import METRICS
+from fedrnn.shared import protocol as P
+from fedrnn.shared.tasks import METRICS
 
 # metrics a site may send, and the range each must be in (NaN: "undefined here")
 TRAIN_METRICS = {P.NUM_EXAMPLES: (0, math.inf, False), P.UNIT_WEIGHT: (0, math.inf, False),

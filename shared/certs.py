@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.errors import ConfigError
-from shared.files import write_atomic
+from fedrnn.shared.errors import ConfigError
+from fedrnn.shared.files import write_atomic
 
 VALID_DAYS = 365
 

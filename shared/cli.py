@@ -24,9 +24,9 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 # usage-stats.ray.io by default (RAY_USAGE_STATS_ENABLED=1 turns it back on).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from shared.config import RunConfig, key_of, load_toml  # noqa: E402
-from shared.errors import ConfigError, FedrnnError  # noqa: E402
-from shared.logs import console_logging  # noqa: E402
+from fedrnn.shared.config import RunConfig, key_of, load_toml  # noqa: E402
+from fedrnn.shared.errors import ConfigError, FedrnnError  # noqa: E402
+from fedrnn.shared.logs import console_logging  # noqa: E402
 
 EPILOG_SIMULATE = """examples:
   fedrnn simulate                                  # nafld, 10 hospitals, GRU, DP eps 8
@@ -82,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """defaults < ``--scenario`` < ``--config`` file < flags."""
     config = RunConfig()
     if getattr(args, "scenario", None):
-        from simulations.scenarios import load_scenario
+        from fedrnn.simulations.scenarios import load_scenario
 
         config = RunConfig.from_flat(load_scenario(args.scenario))
     if args.config:
@@ -93,10 +93,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.simulate import simulate
+    from fedrnn.simulations.simulate import simulate
 
     if args.sweep:
-        from simulations.sweep import main_sweep
+        from fedrnn.simulations.sweep import main_sweep
 
         return main_sweep(config_from_args(args), args.sweep, verbose=args.verbose)
     try:
@@ -128,7 +128,7 @@ def _end_process(code: int) -> NoReturn:
     import logging
     import os
 
-    from simulations.ray_setup import stop_ray
+    from fedrnn.simulations.ray_setup import stop_ray
 
     # Flower's engine may still be winding down on its thread, and would log Ray going
     # away under it as an error of the finished run.
@@ -167,7 +167,7 @@ def _print_run_summary(out: Path) -> None:
 def _cmd_server(args: argparse.Namespace) -> int:
     import os
 
-    from server.deploy import ServerOptions, run_server
+    from fedrnn.server.deploy import ServerOptions, run_server
 
     config = config_from_args(args)
     if args.dataset is None and config.dataset == RunConfig().dataset and (
@@ -179,7 +179,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
             raise ConfigError("--min-clients must be at least 1")
         config = config.replace(clients=args.min_clients)
     if not config.out:
-        from server.federation import default_out_dir
+        from fedrnn.server.federation import default_out_dir
 
         config = config.replace(out=default_out_dir())
     os.environ["FLWR_HOME"] = str(Path(config.out).expanduser().resolve() / ".flwr")
@@ -196,7 +196,7 @@ def _absolute(path: str | None) -> Path | None:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from client.node import SiteOptions, run_site
+    from fedrnn.client.node import SiteOptions, run_site
 
     missing = [flag for flag, value in (("--budget-epsilon", args.budget_epsilon),
                                         ("--budget-delta", args.budget_delta)) if value is None]
@@ -217,7 +217,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from shared.certs import write_certificates
+    from fedrnn.shared.certs import write_certificates
 
     hosts = [h for item in args.host for h in item.split(",") if h.strip()]
     written = write_certificates(args.directory, hosts=hosts, clients=args.clients,
@@ -232,7 +232,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from shared.data.export import write_site_files
+    from fedrnn.shared.data.export import write_site_files
 
     config = config_from_args(args)
     for path in write_site_files(config, args.out_dir):
@@ -241,7 +241,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:
-    from shared.privacy import calibrate_noise, epsilon
+    from fedrnn.shared.privacy import calibrate_noise, epsilon
 
     if not 0 < args.sample_rate <= 1:
         raise ConfigError("--sample-rate must be in (0, 1]")
@@ -274,8 +274,8 @@ def _cmd_budget(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from client.audit import audit, table
-    from client.audit_report import plot, render_html
+    from fedrnn.client.audit import audit, table
+    from fedrnn.client.audit_report import plot, render_html
 
     result = audit(args.path)
     if args.plot:
@@ -293,8 +293,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger_set_budget(args: argparse.Namespace) -> int:
-    from client.ledger import Budget, Ledger
-    from client.policy import OFFERED_ACCOUNTANTS
+    from fedrnn.client.ledger import Budget, Ledger
+    from fedrnn.client.policy import OFFERED_ACCOUNTANTS
 
     if not (0 < args.epsilon < math.inf and 0 < args.delta < 1):
         raise ConfigError("--epsilon must be a positive number and --delta in (0, 1)")
@@ -315,7 +315,7 @@ def _cmd_ledger_set_budget(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_dp_step(args: argparse.Namespace) -> int:
-    from simulations.bench import StepSpec, main_dp_step
+    from fedrnn.simulations.bench import StepSpec, main_dp_step
 
     for name in ("batch", "seq_len", "hidden", "layers", "embedding", "repeats"):
         if getattr(args, name) < 1:
@@ -327,7 +327,7 @@ def _cmd_bench_dp_step(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_simulation(args: argparse.Namespace) -> int:
-    from simulations.bench_simulation import main_bench_simulation
+    from fedrnn.simulations.bench_simulation import main_bench_simulation
 
     if args.repeats < 1:
         raise ConfigError("--repeats must be at least 1")
@@ -336,7 +336,7 @@ def _cmd_bench_simulation(args: argparse.Namespace) -> int:
 
 
 def _add_scale_flags(sim: argparse.ArgumentParser) -> None:
-    from simulations.scenarios import describe
+    from fedrnn.simulations.scenarios import describe
 
     scenarios = "; ".join(f"{name}: {text}" for name, text in describe().items())
     sim.add_argument("--scenario", metavar="NAME", help=f"a named experiment whose settings "
@@ -347,7 +347,7 @@ def _add_scale_flags(sim: argparse.ArgumentParser) -> None:
 
 
 def _write_output(path: Path, data: bytes) -> None:
-    from shared.files import write_atomic
+    from fedrnn.shared.files import write_atomic
 
     if not path.parent.is_dir():
         raise ConfigError(f"{path.parent}: directory does not exist")

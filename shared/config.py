@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
+from fedrnn.shared.errors import ConfigError
 
 TASKS = ("classify", "lm", "forecast")
 MODELS = ("gru", "lstm", "rnn")

@@ -1,6 +1,6 @@
 """Recurrent sequence models: an input layer, a stacked RNN/LSTM/GRU, and a task head.
 
-The recurrent layers are ``shared.nn``'s: numerically torch's layers, with torch's
+The recurrent layers are ``fedrnn.shared.nn``'s: numerically torch's layers, with torch's
 parameter names (saved weights load into ``torch.nn.GRU`` etc.), and per-sample gradients
 Opacus computes at about the cost of ordinary training.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared import nn as dpnn
-from shared.config import RunConfig
-from shared.data.tokenizers import make_tokenizer
+from fedrnn.shared import nn as dpnn
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data.tokenizers import make_tokenizer
 
 
 class SequenceModel(nn.Module):

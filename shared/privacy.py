@@ -47,7 +47,7 @@ def sample_rate(n_records: int, batch_size: int) -> float:
     """Poisson sampling rate of DP-SGD: ``1 / ceil(N / batch_size)``.
 
     The single source of truth for both what a site plans and charges and what its
-    training runs (``client.training.poisson_loader`` samples at this rate, and Opacus's
+    training runs (``fedrnn.client.training.poisson_loader`` samples at this rate, and Opacus's
     accountant records it as ``1 / len(loader)``, the same float).
     """
     return 1.0 / _batches(n_records, batch_size)
@@ -57,7 +57,7 @@ def steps_per_round(n_records: int, batch_size: int, local_epochs: int) -> int:
     """DP-SGD steps of one round: ``local_epochs * ceil(N / batch_size)``.
 
     The single source of truth for both what a site plans and charges and what its
-    training runs (``client.training.poisson_loader`` yields ``ceil(N / batch_size)``
+    training runs (``fedrnn.client.training.poisson_loader`` yields ``ceil(N / batch_size)``
     batches a pass, not Opacus's ``int(1 / q)``, which floating point makes one fewer
     for 141 batch counts below 2,000: 93, 99, 105, ...).
     """

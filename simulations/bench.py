@@ -5,9 +5,9 @@ The workload is the LEAF Shakespeare model by default (embedding 8, 2 x 256, bat
 
 - ``torch``: torch's layer, non-private (plain SGD step): the cost to beat;
 - ``opacus``: Opacus's ``DPLSTM``/``DPGRU``/``DPRNN`` under ``PrivacyEngine``;
-- ``fedrnn``: ``shared.nn``'s layer under the same ``PrivacyEngine``, noise from torch's
+- ``fedrnn``: ``fedrnn.shared.nn``'s layer under the same ``PrivacyEngine``, noise from torch's
   generator;
-- ``fedrnn-csprng``: the same step as the client runs it (``client.training.make_private``),
+- ``fedrnn-csprng``: the same step as the client runs it (``fedrnn.client.training.make_private``),
   noise from the site's cryptographically secure generator (``shared.randomness``). Its
   ratio to ``fedrnn`` is the price of unpredictable noise (the issue's target: under 1.05).
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shared.memory import reuse_freed_memory
+from fedrnn.shared.memory import reuse_freed_memory
 
 IMPLEMENTATIONS = ("torch", "opacus", "fedrnn", "fedrnn-csprng")
 VOCAB = 80  # LEAF Shakespeare's character set
@@ -62,7 +62,7 @@ class CharModel(nn.Module):
 def _layer(impl: str, spec: StepSpec) -> nn.Module:
     from opacus import layers as opacus_layers
 
-    from shared import nn as fedrnn_layers
+    from fedrnn.shared import nn as fedrnn_layers
 
     name = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[spec.model]
     module = {"torch": nn, "opacus": opacus_layers, "fedrnn": fedrnn_layers}[impl]
@@ -81,7 +81,7 @@ def make_step(impl: str, spec: StepSpec, seed: int = 0, clipping: str = "ghost")
     torch.manual_seed(seed)
     model = CharModel(_layer(impl.removesuffix("-csprng"), spec), spec)
     if impl.startswith("fedrnn"):
-        from shared import nn as fedrnn_layers
+        from fedrnn.shared import nn as fedrnn_layers
 
         embed = fedrnn_layers.Embedding(VOCAB, spec.embedding)
         embed.load_state_dict(model.embed.state_dict())  # the same start as the others
@@ -96,8 +96,8 @@ def make_step(impl: str, spec: StepSpec, seed: int = 0, clipping: str = "ghost")
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
         from torch.utils.data import DataLoader, TensorDataset
 
-        from client.training import make_private
-        from shared.randomness import SiteRandomness
+        from fedrnn.client.training import make_private
+        from fedrnn.shared.randomness import SiteRandomness
 
         if mode != "ghost":
             raise ValueError("the client's DP optimizer is Opacus's ghost clipping only")

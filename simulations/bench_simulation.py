@@ -37,7 +37,7 @@ def run_simulation(workload: dict[str, int], work: Path) -> dict[str, float]:
     """``fedrnn simulate`` in a child process; wall time and its start-up/rounds split."""
     out = work / "simulation"
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", "simulate", *_flags(workload),
+    proc = subprocess.run([sys.executable, "-m", "fedrnn.shared.cli", "simulate", *_flags(workload),
                            "--out", str(out)], capture_output=True, text=True)
     total = time.perf_counter() - started
     if proc.returncode != 0:
@@ -66,13 +66,13 @@ def plain_main() -> None:
     started = time.perf_counter()
     import torch
 
-    from client.site import SIMULATION_LEDGER, Site, train_round
-    from client.training import evaluate
-    from server.sampling import ClientSampler
-    from shared.config import RunConfig
-    from shared.data import client_data, resolve
-    from shared.models import build_model
-    from shared.randomness import SiteRandomness
+    from fedrnn.client.site import SIMULATION_LEDGER, Site, train_round
+    from fedrnn.client.training import evaluate
+    from fedrnn.server.sampling import ClientSampler
+    from fedrnn.shared.config import RunConfig
+    from fedrnn.shared.data import client_data, resolve
+    from fedrnn.shared.models import build_model
+    from fedrnn.shared.randomness import SiteRandomness
 
     torch.set_num_threads(1)
     workload, work = json.loads(sys.argv[1]), Path(sys.argv[2])

@@ -1,6 +1,6 @@
 """Peak resident memory of a command and every process it starts, all together.
 
-``python -m simulations.peak_memory -- fedrnn simulate --scenario nafld-patients``
+``python -m fedrnn.simulations.peak_memory -- fedrnn simulate --scenario nafld-patients``
 
 Every 0.2 s the resident set sizes (``/proc/PID/statm``, Linux) of the command and all its
 descendants (by parent id: Ray's GCS, raylet, agents and workers included) are summed;
@@ -74,7 +74,7 @@ def watch(command: list[str]) -> dict:
 def main() -> int:
     args = sys.argv[1:]
     if "--" not in args or args.index("--") == len(args) - 1:
-        print("usage: python -m simulations.peak_memory [--json] -- COMMAND ...", file=sys.stderr)
+        print("usage: python -m fedrnn.simulations.peak_memory [--json] -- COMMAND ...", file=sys.stderr)
         return 2
     result = watch(args[args.index("--") + 1:])
     if "--json" in args[: args.index("--")]:

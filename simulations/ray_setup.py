@@ -33,7 +33,7 @@ import ray
 CPUS_PER_CLIENT = 1
 
 # Imported by every worker process of a local Ray instance before it takes work.
-WORKER_PRELOAD = "simulations.worker_preload"
+WORKER_PRELOAD = "fedrnn.simulations.worker_preload"
 
 # Ray's processes connect to the raylet and its object store with retries, one second
 # apart by default (10 attempts). At start-up the raylet's first attempt on its own store

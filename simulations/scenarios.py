@@ -11,12 +11,12 @@ import tomllib
 from importlib import resources
 from typing import Any
 
-from shared.config import RunConfig
-from shared.errors import ConfigError
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.errors import ConfigError
 
 
 def _files() -> dict[str, Any]:
-    folder = resources.files("simulations") / "scenarios"
+    folder = resources.files("fedrnn.simulations") / "scenarios"
     return {f.name.removesuffix(".toml"): f for f in folder.iterdir() if f.name.endswith(".toml")}
 
 

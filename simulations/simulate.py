@@ -18,9 +18,9 @@ import ray
 
 # Nothing here imports torch at module level: Ray should start before the imports
 # (about 1 s) and the data reading, which run beside it in a thread.
-from shared.config import RunConfig
-from shared.errors import ConfigError, FedrnnError
-from simulations.ray_setup import CPUS_PER_CLIENT, start_ray
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.errors import ConfigError, FedrnnError
+from fedrnn.simulations.ray_setup import CPUS_PER_CLIENT, start_ray
 
 log = logging.getLogger("fedrnn")
 
@@ -33,9 +33,9 @@ def prepare(config: RunConfig) -> RunConfig:
     The other clients are encoded lazily, in the worker that serves them: at 15,000
     clients, encoding all of them up front would cost minutes and hold every tensor.
     """
-    from server.federation import default_out_dir
-    from server.sampling import ClientSampler
-    from shared.data import client_data, partition_corpus, resolve
+    from fedrnn.server.federation import default_out_dir
+    from fedrnn.server.sampling import ClientSampler
+    from fedrnn.shared.data import client_data, partition_corpus, resolve
 
     config = resolve(config)
     names, _ = partition_corpus(config)
@@ -99,9 +99,9 @@ def simulate(config: RunConfig, *, verbose: bool = False,
     flwr_logger.addFilter(_HideDeprecation())
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
-    from server.app import make_app
-    from server.sampling import simulation_slots
+    from fedrnn.client.app import app as client_app
+    from fedrnn.server.app import make_app
+    from fedrnn.server.sampling import simulation_slots
 
     finished = threading.Event()
     failure: list[BaseException] = []
@@ -142,6 +142,6 @@ def _prepare_and_import(config: RunConfig) -> RunConfig:
     config = prepare(config)
     import flwr.simulation  # noqa: F401
 
-    import client.app  # noqa: F401  (the ClientApp, without Opacus: see its module docstring)
+    import fedrnn.client.app  # noqa: F401  (the ClientApp, without Opacus: see its module docstring)
 
     return config

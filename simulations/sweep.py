@@ -22,11 +22,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig
-from shared.errors import ConfigError
-from shared.files import write_atomic
-from shared.plots import png_bytes, pyplot
-from shared.tasks import METRICS
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.errors import ConfigError
+from fedrnn.shared.files import write_atomic
+from fedrnn.shared.plots import png_bytes, pyplot
+from fedrnn.shared.tasks import METRICS
 
 log = logging.getLogger("fedrnn")
 
@@ -66,7 +66,7 @@ def variants(base: RunConfig, sweeps: list[tuple[str, list[str]]],
 
 def run_sweep(base: RunConfig, specs: list[str], *, verbose: bool = False) -> Path:
     """Run every variant; returns the sweep directory with its table and plot."""
-    from simulations.simulate import simulate
+    from fedrnn.simulations.simulate import simulate
 
     sweeps = parse_sweeps(specs, base)
     out = Path(base.out or Path("runs") / f"sweep-{datetime.now():%Y%m%d-%H%M%S}")

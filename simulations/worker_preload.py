@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 
-from simulations.ray_setup import CPUS_PER_CLIENT
+from fedrnn.simulations.ray_setup import CPUS_PER_CLIENT
 
 # Ray sets OMP_NUM_THREADS to a task's CPUs only when the task starts, after this import:
 # torch would already have sized its thread pool to the whole machine, and two actors on
@@ -74,5 +74,5 @@ _defer("flwr.simulation")
 
 import flwr.simulation.ray_transport.ray_actor  # noqa: E402, F401
 
-import client.app  # noqa: E402, F401
-import client.training  # noqa: E402, F401  (torch and Opacus: the handlers import it)
+import fedrnn.client.app  # noqa: E402, F401
+import fedrnn.client.training  # noqa: E402, F401  (torch and Opacus: the handlers import it)

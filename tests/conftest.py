@@ -51,7 +51,7 @@ def rdp_reference():
 
 def releases_by_site(ledger_dir: Path) -> dict[str, list]:
     """Every release in a simulation's ledger, by site (rounds, with their parameters)."""
-    from client.ledger import Ledger
+    from fedrnn.client.ledger import Ledger
 
     rows: dict[str, list] = {}
     for path in sorted(Path(ledger_dir).glob("*.sqlite")):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.attacks import craft, is_attacker
-from shared.cli import main
+from fedrnn.client.attacks import craft, is_attacker
+from fedrnn.shared.cli import main
 
 # 10 sites, a fifth of them hostile: with seed 0 rounds 1-3 have 1, 2 and 1 attackers,
 # always a minority (checked below), which is what a median can withstand

@@ -2,7 +2,7 @@
 
 import json
 
-from shared.cli import main
+from fedrnn.shared.cli import main
 
 
 def test_bench_dp_step_json_schema(capsys):
@@ -19,9 +19,9 @@ def test_bench_dp_step_in_hooks_mode_trains_and_says_so(capsys, monkeypatch):
     """``--clipping hooks`` through the command. Peak memory, measured in a child process
     per implementation (three more imports of torch and Opacus, most of this test's 18 s),
     is the test above's; here it is left out."""
-    import simulations.bench
+    import fedrnn.simulations.bench
 
-    monkeypatch.setattr(simulations.bench, "peak_mb", lambda impl, spec, clipping: 1.0)
+    monkeypatch.setattr(fedrnn.simulations.bench, "peak_mb", lambda impl, spec, clipping: 1.0)
     assert main(["bench", "dp-step", "--model", "lstm", "--batch", "3", "--seq-len", "4",
                  "--hidden", "6", "--repeats", "1", "--clipping", "hooks"]) == 0
     out = capsys.readouterr().out

@@ -5,8 +5,8 @@ import json
 import dp_accounting
 import pytest
 
-from client.ledger import Budget, Ledger, Release
-from shared.cli import main
+from fedrnn.client.ledger import Budget, Ledger, Release
+from fedrnn.shared.cli import main
 
 
 def _pld(history, delta):

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.cli import build_parser, config_from_args
-from shared.config import RunConfig, dump_toml
-from shared.errors import ConfigError
+from fedrnn.shared.cli import build_parser, config_from_args
+from fedrnn.shared.config import RunConfig, dump_toml
+from fedrnn.shared.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_pyproject_app_config_agrees_with_defaults():
     app_config = pyproject["tool"]["flwr"]["app"]["config"]
     assert RunConfig.from_flat(app_config) == RunConfig()
     components = pyproject["tool"]["flwr"]["app"]["components"]
-    assert components == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert components == {"serverapp": "fedrnn.server.app:app", "clientapp": "fedrnn.client.app:app"}
 
 
 def test_the_fedrnn_command_turns_flowers_telemetry_off():

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from shared.config import RunConfig
-from shared.data import client_data, partition_corpus, resolve
-from shared.data.builtin import WINDOW_DAYS, load_nafld, load_tweets
-from shared.data.tokenizers import BOS, EOS, CharTokenizer, HashWordTokenizer
-from shared.errors import DataError
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data import client_data, partition_corpus, resolve
+from fedrnn.shared.data.builtin import WINDOW_DAYS, load_nafld, load_tweets
+from fedrnn.shared.data.tokenizers import BOS, EOS, CharTokenizer, HashWordTokenizer
+from fedrnn.shared.errors import DataError
 
 
 def test_natural_partition_uses_client_column(text_jsonl):

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from shared.certs import write_certificates
-from shared.cli import main
-from shared.config import RunConfig
-from shared.data import site_data
-from shared.data.readers import read_file
+from fedrnn.shared.certs import write_certificates
+from fedrnn.shared.cli import main
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data import site_data
+from fedrnn.shared.data.readers import read_file
 
 BUDGET = ["--budget-epsilon", "8", "--budget-delta", "1e-5"]
 # the README's deployment of sites' own records: the schema from flags, no dataset
@@ -43,7 +43,7 @@ class Proc:
         self.log = tmp / f"{name}.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_HOME": str(tmp / f"{name}.flwr")}
         with self.log.open("w") as fh:
-            self.process = subprocess.Popen([sys.executable, "-m", "shared.cli", *args],
+            self.process = subprocess.Popen([sys.executable, "-m", "fedrnn.shared.cli", *args],
                                             stdout=fh, stderr=subprocess.STDOUT, env=env)
 
     @property
@@ -149,7 +149,7 @@ def test_split_writes_files_a_site_reads_back(tmp_path):
     files = sorted(tmp_path.glob("*.csv"))
     assert [f.name for f in files] == ["site-0.csv", "site-1.csv", "site-2.csv"]
     assert sum(len(read_file(f)) for f in files) == 90
-    from shared.data import resolve
+    from fedrnn.shared.data import resolve
 
     data = site_data(resolve(config), files[0], secret=b"k" * 32, eval_fraction=0.2)
     assert len(data.train) + len(data.eval) == 30
@@ -200,8 +200,8 @@ def test_client_gives_up_on_an_unreachable_server_after_max_wait(tmp_path, capsy
 
 
 def test_a_server_for_sites_own_records_takes_its_schema_from_flags(tmp_path, text_jsonl):
-    from server.deploy import check_server_config
-    from shared.errors import ConfigError
+    from fedrnn.server.deploy import check_server_config
+    from fedrnn.shared.errors import ConfigError
 
     series = check_server_config(RunConfig(dataset="", task="classify", labels="neg,pos",
                                            features="x0,x1,x2"))
@@ -317,7 +317,7 @@ def test_a_task_whose_supernode_is_gone_ends_instead_of_retrying_forever():
     # reconnect (seen as a restarted server waiting for its third site).
     import threading
 
-    from client.node import run_task
+    from fedrnn.client.node import run_task
 
     supernode = subprocess.Popen([sys.executable, "-c", "pass"])
     supernode.wait()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.certs import write_certificates
-from shared.files import PRIVATE_MODE, create_private, write_atomic
+from fedrnn.shared.certs import write_certificates
+from fedrnn.shared.files import PRIVATE_MODE, create_private, write_atomic
 
 
 def _mode(path: Path) -> int:

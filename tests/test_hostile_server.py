@@ -17,7 +17,7 @@ import time
 import pytest
 from conftest import independent_rdp_epsilon
 
-from client.ledger import Ledger
+from fedrnn.client.ledger import Ledger
 
 BUDGET_EPSILON, BUDGET_DELTA = 3.0, 1e-6
 
@@ -31,8 +31,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from shared.config import RunConfig
-from shared.models import build_model
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.models import build_model
 
 app = ServerApp()
 PROPOSAL = RunConfig(task="classify", labels="sick,well", features="hr,temp", hidden_size=8,
@@ -87,8 +87,8 @@ def test_a_hostile_server_cannot_make_a_real_site_overspend_or_talk(tmp_path, se
     from flwr.proto.control_pb2 import ListRunsRequest, StartRunRequest
     from flwr.supercore.fab import Fab
 
-    from client.node import _free_port
-    from shared.processes import flower_bin
+    from fedrnn.client.node import _free_port
+    from fedrnn.shared.processes import flower_bin
 
     port = _free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "link-home"),
@@ -115,7 +115,7 @@ def test_a_hostile_server_cannot_make_a_real_site_overspend_or_talk(tmp_path, se
         ledger = tmp_path / "site.sqlite"
         with (tmp_path / "site.log").open("w") as site_log:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "client", "--insecure", "--server",
+                [sys.executable, "-m", "fedrnn.shared.cli", "client", "--insecure", "--server",
                  f"127.0.0.1:{port}", "--data", str(series_csv), "--ledger", str(ledger),
                  "--budget-epsilon", str(BUDGET_EPSILON), "--budget-delta",
                  str(BUDGET_DELTA), "--name", "ward"],
@@ -128,7 +128,7 @@ def test_a_hostile_server_cannot_make_a_real_site_overspend_or_talk(tmp_path, se
             '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
             '[tool.flwr.app]\npublisher = "attacker"\n\n'
             '[tool.flwr.app.components]\nserverapp = "hostile_server:app"\n'
-            'clientapp = "client.app:app"\n\n'
+            'clientapp = "fedrnn.client.app:app"\n\n'
             f'[tool.flwr.app.config]\nout = "{replies}"\n')
         fab = build_fab_from_files({"pyproject.toml": pyproject.encode(),
                                     "hostile_server.py": HOSTILE_SERVER_APP.encode()})[0]
@@ -174,9 +174,9 @@ def test_a_hostile_site_cannot_poison_or_stop_a_deployed_run(tmp_path, monkeypat
     from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    import client.app
-    from client.node import SiteOptions, _free_port, _session
-    from shared.cli import main as cli
+    import fedrnn.client.app
+    from fedrnn.client.node import SiteOptions, _free_port, _session
+    from fedrnn.shared.cli import main as cli
 
     assert cli(["split", str(tmp_path / "sites"), "--dataset", "synthetic", "--task",
                 "lm", "--clients", "2"]) == 0  # messages labelled long or short
@@ -209,7 +209,7 @@ def test_a_hostile_site_cannot_poison_or_stop_a_deployed_run(tmp_path, monkeypat
     procs = []
     with (tmp_path / "server.log").open("w") as log_file:
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "server", "--insecure", "--address",
+            [sys.executable, "-m", "fedrnn.shared.cli", "server", "--insecure", "--address",
              f"127.0.0.1:{port}", "--min-clients", "2", "--rounds", "2", "--round-timeout",
              "60", "--out", str(out), "--task", "classify", "--labels", "long,short",
              "--hidden-size", "8", "--batch-size", "16"],
@@ -217,12 +217,12 @@ def test_a_hostile_site_cannot_poison_or_stop_a_deployed_run(tmp_path, monkeypat
     try:
         with (tmp_path / "site.log").open("w") as log_file:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "client", "--insecure", "--server",
+                [sys.executable, "-m", "fedrnn.shared.cli", "client", "--insecure", "--server",
                  f"127.0.0.1:{port}", "--data", str(tmp_path / "sites" / "site-0.jsonl"),
                  "--ledger", str(tmp_path / "site-0.sqlite"), "--budget-epsilon", "8",
                  "--budget-delta", "1e-5"], stdout=log_file, stderr=subprocess.STDOUT,
                 env={**env, "FLWR_HOME": str(tmp_path / "site-home")}))
-        monkeypatch.setattr(client.app, "app", hostile)
+        monkeypatch.setattr(fedrnn.client.app, "app", hostile)
         attacker = SiteOptions(server=f"127.0.0.1:{port}", data=tmp_path / "sites" /
                                "site-1.csv", ledger=tmp_path / "evil.sqlite", name="evil",
                                budget_epsilon=8, budget_delta=1e-5, insecure=True)

@@ -12,8 +12,8 @@ import time
 import pytest
 from conftest import independent_rdp_epsilon
 
-from client.ledger import Budget, Ledger, Release
-from client.spending import BudgetExhausted, charge, keep_budget, site_epsilon
+from fedrnn.client.ledger import Budget, Ledger, Release
+from fedrnn.client.spending import BudgetExhausted, charge, keep_budget, site_epsilon
 
 BUDGET = Budget(2.0, 1e-5, "rdp")
 RELEASE = Release(site="s", run_id="r", round=1, purpose="train", mechanism="dp-sgd",
@@ -129,8 +129,8 @@ def test_the_ledger_is_private_from_creation_and_refuses_other_files(tmp_path):
 
 CONTENDER = textwrap.dedent("""
     import sys
-    from client.ledger import Budget, Ledger, Release
-    from client.spending import BudgetExhausted, charge
+    from fedrnn.client.ledger import Budget, Ledger, Release
+    from fedrnn.client.spending import BudgetExhausted, charge
     release = Release(site="s", run_id=sys.argv[2], round=1, purpose="train",
                       mechanism="dp-sgd", noise_multiplier=0.0, sample_rate=1.0, steps=1,
                       clip_norm=1.0, delta=0.0)
@@ -165,8 +165,8 @@ def test_concurrent_processes_never_spend_past_the_budget(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from client.ledger import Budget, Ledger, Release
-    from client.spending import charge
+    from fedrnn.client.ledger import Budget, Ledger, Release
+    from fedrnn.client.spending import charge
     ledger = Ledger(sys.argv[1])
     i = 0
     while True:
@@ -203,17 +203,17 @@ def test_kill_during_ledger_writes_never_corrupts_or_undercounts(tmp_path, delay
 TRAINER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from shared.randomness import SiteRandomness
-    from client.site import Site, train_round
-    from shared.config import RunConfig
-    from shared.data import client_data, resolve
-    from shared.models import build_model
+    from fedrnn.shared.randomness import SiteRandomness
+    from fedrnn.client.site import Site, train_round
+    from fedrnn.shared.config import RunConfig
+    from fedrnn.shared.data import client_data, resolve
+    from fedrnn.shared.models import build_model
     config = resolve(RunConfig(dataset="synthetic", clients=2, local_epochs=100000,
                                batch_size=4, noise_multiplier=1.0, budget_epsilon=1e9))
     site = Site(name="s", data=client_data(config, 0), ledger=Path(sys.argv[1]),
                 randomness=SiteRandomness.from_seed(0))
-    import client.spending
-    charge = client.spending.charge
+    import fedrnn.client.spending
+    charge = fedrnn.client.spending.charge
     def charge_and_say(*args, **kwargs):
         charged = charge(*args, **kwargs)
         print("charged", flush=True)

@@ -3,9 +3,9 @@ import itertools
 import pytest
 import torch
 
-from shared import tasks
-from shared.config import RunConfig
-from shared.models import build_model
+from fedrnn.shared import tasks
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.models import build_model
 
 CASES = list(itertools.product(["gru", "lstm", "rnn"], ["classify", "lm", "forecast"]))
 

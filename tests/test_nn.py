@@ -1,4 +1,4 @@
-"""shared.nn: drop-in equivalence with torch's layers, and exact per-sample gradients."""
+"""fedrnn.shared.nn: drop-in equivalence with torch's layers, and exact per-sample gradients."""
 
 import itertools
 import subprocess
@@ -10,7 +10,7 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from shared import nn as dpnn
+from fedrnn.shared import nn as dpnn
 
 MODES = ("LSTM", "GRU", "RNN")
 
@@ -409,14 +409,14 @@ def test_frozen_weights_get_no_gradient_and_inputs_changed_in_place_are_an_error
         out.sum().backward()
 
 
-@pytest.mark.parametrize("first", ["shared.nn", "opacus.grad_sample.utils", "probe"])
+@pytest.mark.parametrize("first", ["fedrnn.shared.nn", "opacus.grad_sample.utils", "probe"])
 def test_the_layers_register_with_opacus_whichever_is_imported_first(first):
     # Importing the layers does not import Opacus (the server only holds weights); they
     # are registered as soon as Opacus is imported, by any of its modules, also after an
     # availability check has looked Opacus up without importing it.
     probe = first == "probe"
-    first = "shared.nn" if probe else first
-    other = "opacus" if first == "shared.nn" else "shared.nn"
+    first = "fedrnn.shared.nn" if probe else first
+    other = "opacus" if first == "fedrnn.shared.nn" else "fedrnn.shared.nn"
     code = f"""
 import importlib.util, sys
 import {first}
@@ -427,7 +427,7 @@ import {other}
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleModuleFastGradientClipping as Ghost)
-from shared import nn as dpnn
+from fedrnn.shared import nn as dpnn
 for layer in (dpnn.LSTM, dpnn.GRU, dpnn.RNN, dpnn.Embedding):
     assert layer in GradSampleModule.GRAD_SAMPLERS, layer
 for layer in (dpnn.LSTM, dpnn.GRU, dpnn.RNN):

@@ -7,13 +7,13 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
-from client.training import CLIPPING, backward, train
-from shared import tasks
-from shared.config import RunConfig
-from shared.data import client_data, resolve
-from shared.models import build_model
-from shared.privacy import calibrate_noise, epsilon, sample_rate, steps_per_round
-from shared.randomness import SiteRandomness
+from fedrnn.client.training import CLIPPING, backward, train
+from fedrnn.shared import tasks
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data import client_data, resolve
+from fedrnn.shared.models import build_model
+from fedrnn.shared.privacy import calibrate_noise, epsilon, sample_rate, steps_per_round
+from fedrnn.shared.randomness import SiteRandomness
 
 
 @pytest.mark.parametrize("task,cell", [("classify", "gru"), ("lm", "lstm"),
@@ -125,7 +125,7 @@ def test_calibrated_noise_reaches_but_does_not_exceed_target(rdp_reference, targ
 def _opacus_rdp_epsilon(history, delta):
     from opacus.accountants import create_accountant
 
-    from shared.privacy import RDP_ORDERS, merge_history
+    from fedrnn.shared.privacy import RDP_ORDERS, merge_history
 
     accountant = create_accountant(mechanism="rdp")
     accountant.history = merge_history(history)
@@ -142,7 +142,7 @@ def test_rdp_epsilon_is_opacus_accountants_to_the_last_bit(monkeypatch, q, sigma
     """Orders that cannot be the best are skipped, never changing the result: equal (==)
     to Opacus's RDPAccountant over every order, for one release and for a composition.
     (A review compared 12,678 random cases the same way, none different.)"""
-    from shared import privacy
+    from fedrnn.shared import privacy
 
     monkeypatch.setattr(privacy, "_CURVES", privacy._RdpCurves())
     for history in ([(sigma, q, steps)], [(sigma, q, steps), (sigma * 1.7, q / 2, 3)]):
@@ -155,7 +155,7 @@ def test_calibration_is_opacus_search_to_the_last_bit_and_skips_costly_orders(
         monkeypatch, target, q, steps, delta):
     from opacus.accountants.utils import get_noise_multiplier
 
-    from shared import privacy
+    from fedrnn.shared import privacy
 
     curves = privacy._RdpCurves()
     monkeypatch.setattr(privacy, "_CURVES", curves)
@@ -174,7 +174,7 @@ def test_calibration_is_opacus_search_to_the_last_bit_and_skips_costly_orders(
 
 
 def test_rdp_epsilon_above_a_cap_is_only_known_to_be_above_it(monkeypatch):
-    from shared import privacy
+    from fedrnn.shared import privacy
 
     monkeypatch.setattr(privacy, "_CURVES", privacy._RdpCurves())
     history = [(0.7, 0.5, 50)]

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-import client.training
-from client.training import make_private, poisson_loader, train
-from shared.config import RunConfig
-from shared.data import SequenceTensors, client_data, resolve
-from shared.models import build_model
-from shared.privacy import sample_rate, steps_per_round
-from shared.randomness import SiteRandomness
+import fedrnn.client.training
+from fedrnn.client.training import make_private, poisson_loader, train
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data import SequenceTensors, client_data, resolve
+from fedrnn.shared.models import build_model
+from fedrnn.shared.privacy import sample_rate, steps_per_round
+from fedrnn.shared.randomness import SiteRandomness
 
 # batch counts k where Opacus's int(1/q) steps per epoch, q = 1/k, is k - 1
 OFF_BY_ONE = [k for k in range(1, 400) if int(1 / (1 / k)) != k]
@@ -158,13 +158,13 @@ def test_training_steps_through_empty_batches_with_noise(monkeypatch):
     config = _config(batch_size=1, local_epochs=20)
     data = _records(config, 2)  # q = 1/2: a quarter of the 40 batches are empty
     sizes = []
-    real_backward = client.training.backward
+    real_backward = fedrnn.client.training.backward
 
     def spy(model, optimizer, batch, task):
         sizes.append(len(batch[1]))
         return real_backward(model, optimizer, batch, task)
 
-    monkeypatch.setattr(client.training, "backward", spy)
+    monkeypatch.setattr(fedrnn.client.training, "backward", spy)
     start = build_model(config)
     after, result = _trained(config, data, start, SiteRandomness.from_seed(3))
     assert result.steps == 40 == len(sizes) and 0 in sizes and max(sizes) > 0

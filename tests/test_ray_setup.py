@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ray
 
-from simulations.ray_setup import FAST_CONNECT, start_ray, stop_ray
+from fedrnn.simulations.ray_setup import FAST_CONNECT, start_ray, stop_ray
 
 
 def _alive(pid: int) -> bool:
@@ -46,7 +46,7 @@ def test_workers_start_with_the_client_app_and_one_thread_each(capfd):
 
         print("worker-output-reaches-the-driver")
         # nothing in this task imports them: they were loaded as the worker started
-        loaded = ("client.app" in sys.modules, "opacus" in sys.modules,
+        loaded = ("fedrnn.client.app" in sys.modules, "opacus" in sys.modules,
                   "torch" in sys.modules)
         return (*loaded, sys.modules["torch"].get_num_threads() if loaded[2] else 0)
 
@@ -86,8 +86,8 @@ def test_workers_load_flowers_actor_without_flowers_simulation_server():
 def test_the_driver_does_not_import_opacus():
     # The driver only hands the ClientApp to Flower and holds weights; Opacus (1.4 s of CPU)
     # would compete with the workers' start-up on a small machine.
-    code = ("import sys, simulations.simulate, server.app, client.app, shared.models, "
-            "shared.privacy; sys.exit('opacus' in sys.modules)")
+    code = ("import sys, fedrnn.simulations.simulate, fedrnn.server.app, fedrnn.client.app, fedrnn.shared.models, "
+            "fedrnn.shared.privacy; sys.exit('opacus' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from shared.data.readers import read_file
-from shared.errors import DataError
+from fedrnn.shared.data.readers import read_file
+from fedrnn.shared.errors import DataError
 
 
 def test_jsonl_text(text_jsonl):

@@ -8,10 +8,10 @@ import random
 
 from conftest import releases_by_site
 
-from shared.cli import main
-from shared.config import RunConfig
-from shared.data.identity import held_out, record_keys, seeded_secret
-from shared.data.readers import read_file
+from fedrnn.shared.cli import main
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data.identity import held_out, record_keys, seeded_secret
+from fedrnn.shared.data.readers import read_file
 
 
 def _jsonl(path, rows):

@@ -3,12 +3,12 @@
 import pytest
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from client.faults import DROP, STRAGGLE, fault_of
-from server.sampling import ClientSampler, simulation_slots
-from server.strategy import build_strategy
-from shared.config import RunConfig
-from shared.data.partition import is_holdout_client
-from shared.errors import FedrnnError
+from fedrnn.client.faults import DROP, STRAGGLE, fault_of
+from fedrnn.server.sampling import ClientSampler, simulation_slots
+from fedrnn.server.strategy import build_strategy
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data.partition import is_holdout_client
+from fedrnn.shared.errors import FedrnnError
 
 
 class _Grid:

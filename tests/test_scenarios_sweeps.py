@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from shared.cli import build_parser, config_from_args, main
-from shared.config import RunConfig
-from shared.errors import ConfigError
-from simulations.bench_simulation import bench_simulation
-from simulations.scenarios import describe, load_scenario, scenario_names
-from simulations.sweep import parse_sweeps
+from fedrnn.shared.cli import build_parser, config_from_args, main
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.errors import ConfigError
+from fedrnn.simulations.bench_simulation import bench_simulation
+from fedrnn.simulations.scenarios import describe, load_scenario, scenario_names
+from fedrnn.simulations.sweep import parse_sweeps
 
 
 def test_every_scenario_is_a_valid_config():
@@ -86,7 +86,7 @@ def test_bench_simulation_alternates_and_reports_the_median_pair(monkeypatch):
     """Pairs run plain first, then simulated; the median pair is reported (the lower one
     of an even count). The two runners are replaced by canned timings: what is tested is
     the order and the choice, which the test above cannot see in one pair."""
-    from simulations import bench_simulation as bench
+    from fedrnn.simulations import bench_simulation as bench
 
     order, plain_s, sim_s = [], iter([10.0, 10.0, 10.0, 10.0]), iter([15.0, 12.0, 11.0, 13.0])
     monkeypatch.setattr(bench, "run_plain", lambda w, d: order.append("plain")

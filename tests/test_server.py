@@ -4,9 +4,9 @@ import pytest
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
-from server.strategy import aggregate_metrics, build_strategy
-from shared.config import RunConfig
-from shared.errors import ConfigError
+from fedrnn.server.strategy import aggregate_metrics, build_strategy
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.errors import ConfigError
 
 
 def _reply(**metrics):

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
-from server.federation import _Phase, _receive
-from server.strategy import build_strategy
-from server.validation import Shape, check_evaluate_reply, check_train_reply
-from shared import protocol as P
-from shared.config import RunConfig
-from shared.errors import FedrnnError
+from fedrnn.server.federation import _Phase, _receive
+from fedrnn.server.strategy import build_strategy
+from fedrnn.server.validation import Shape, check_evaluate_reply, check_train_reply
+from fedrnn.shared import protocol as P
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.errors import FedrnnError
 
 _IDS = itertools.count(1)
 GLOBAL = {"w": np.ones((4, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
@@ -136,8 +136,8 @@ def test_the_user_level_sampling_rate_counts_the_sites_the_draw_saw(monkeypatch)
     # 5 and samples all of them, so the rate is 5/5, not 5/10 (which under-counts epsilon)
     from flwr.supercore.task_identity import TaskIdentity
 
-    from server.federation import _push
-    from server.strategy import user_level_release
+    from fedrnn.server.federation import _push
+    from fedrnn.server.strategy import user_level_release
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import releases_by_site
 
-from shared.cli import main
-from shared.models import load_trained
+from fedrnn.shared.cli import main
+from fedrnn.shared.models import load_trained
 
 
 def _rows(out):
@@ -152,7 +152,7 @@ def test_program_ends_once_the_run_is_written_leaving_no_ray_process(tmp_path):
     ray_dir = tempfile.mkdtemp(prefix="fr-", dir="/tmp")  # short: Ray's sockets live there
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "simulate", "--dataset", "synthetic",
+            [sys.executable, "-m", "fedrnn.shared.cli", "simulate", "--dataset", "synthetic",
              "--clients", "3", "--rounds", "2", "--hidden-size", "8", "--batch-size", "16",
              "--out", str(out)],
             capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_TMPDIR": ray_dir})
@@ -181,7 +181,7 @@ def test_program_interrupted_stops_at_once_leaving_no_ray_process(tmp_path):
     proc = None
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "simulate", "--dataset", "synthetic",
+            [sys.executable, "-m", "fedrnn.shared.cli", "simulate", "--dataset", "synthetic",
              "--clients", "3", "--rounds", "200", "--hidden-size", "8", "--no-dp",
              "--out", str(out)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -4,7 +4,7 @@ import json
 
 from conftest import releases_by_site
 
-from shared.cli import main
+from fedrnn.shared.cli import main
 
 COMMON = ["simulate", "--dataset", "synthetic", "--clients", "6", "--clients-per-round", "3",
           "--rounds", "2", "--hidden-size", "8", "--batch-size", "16"]
@@ -49,9 +49,9 @@ def test_dropouts_are_recorded_and_still_charged(tmp_path):
 
 def _one_straggler_seed(config_flags):
     """A seed whose first round samples exactly one straggler (faults are seeded)."""
-    from client.faults import STRAGGLE, fault_of
-    from server.sampling import ClientSampler
-    from shared.config import RunConfig
+    from fedrnn.client.faults import STRAGGLE, fault_of
+    from fedrnn.server.sampling import ClientSampler
+    from fedrnn.shared.config import RunConfig
 
     for seed in range(100):
         config = RunConfig(clients=6, clients_per_round=3, seed=seed, **config_flags)
@@ -83,7 +83,7 @@ def test_evaluation_and_the_next_training_are_in_flight_together(tmp_path, monke
     # between the phases. The rounds' results are those of phases run one after another.
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    from shared import protocol as P
+    from fedrnn.shared import protocol as P
 
     sent, events = {}, []
     push, pull = InMemoryGrid.push_messages, InMemoryGrid.pull_messages
@@ -121,8 +121,8 @@ def test_a_round_every_site_fails_keeps_the_round_before_it(tmp_path, monkeypatc
     from flwr.app import Error, Message
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    from server import checkpoint
-    from shared import protocol as P
+    from fedrnn.server import checkpoint
+    from fedrnn.shared import protocol as P
 
     sent = {}
     push, pull = InMemoryGrid.push_messages, InMemoryGrid.pull_messages

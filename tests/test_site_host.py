@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared import protocol as P
-from shared.errors import ConfigError, DataError
+from fedrnn.shared import protocol as P
+from fedrnn.shared.errors import ConfigError, DataError
 
 SECRET_PATH = "/secret/path/records.csv"  # the site's records file, never to leave the site
 
@@ -91,7 +91,7 @@ def _wire(reply) -> bytes:
     (KeyError("hiv"), P.FAILED_INTERNAL, "internal"),
 ])
 def test_a_failure_reply_carries_a_code_and_its_word(exc, code, word):
-    from client.node import reply_for_failure
+    from fedrnn.client.node import reply_for_failure
 
     message = _message()
     reply = reply_for_failure(message, exc)
@@ -107,7 +107,7 @@ def test_a_failure_reply_carries_a_code_and_its_word(exc, code, word):
 def test_an_error_reply_of_the_app_leaves_with_its_word_only():
     from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
-    from client.node import sanitised
+    from fedrnn.client.node import sanitised
 
     message = _message()
     for code, reason, word in [
@@ -130,7 +130,7 @@ def test_an_error_reply_of_the_app_leaves_with_its_word_only():
 # --- the session's secret ----------------------------------------------------------------
 
 def test_the_session_secret_is_fresh_private_and_removed():
-    from client.node import SECRET_BYTES, session_secret
+    from fedrnn.client.node import SECRET_BYTES, session_secret
 
     previous = os.umask(0)  # whatever mode the files get is the mode they were made with
     try:
@@ -147,8 +147,8 @@ def test_the_session_secret_is_fresh_private_and_removed():
 def test_a_stopped_site_removes_its_secret(tmp_path):
     # ``kill``/systemd stop a site with SIGTERM: its SuperNode session unwinds, and the
     # secret's directory goes with it.
-    from client.node import _free_port
-    from shared.cli import main
+    from fedrnn.client.node import _free_port
+    from fedrnn.shared.cli import main
 
     assert main(["split", str(tmp_path / "sites"), "--dataset", "synthetic",
                  "--clients", "2"]) == 0
@@ -158,7 +158,7 @@ def test_a_stopped_site_removes_its_secret(tmp_path):
            "OMP_NUM_THREADS": "1"}
     # nothing listens on the server's port: the site keeps trying until it is stopped
     site = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "client", "--server", f"127.0.0.1:{_free_port()}",
+        [sys.executable, "-m", "fedrnn.shared.cli", "client", "--server", f"127.0.0.1:{_free_port()}",
          "--insecure", "--data", str(tmp_path / "sites" / "site-0.csv"), "--ledger",
          str(tmp_path / "site.sqlite"), "--budget-epsilon", "8", "--budget-delta", "1e-5"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -192,8 +192,8 @@ def superlink(tmp_path):
     from flwr.proto.control_pb2 import ListRunsRequest, StartRunRequest
     from flwr.supercore.fab import Fab
 
-    from client.node import _free_port
-    from shared.processes import flower_bin
+    from fedrnn.client.node import _free_port
+    from fedrnn.shared.processes import flower_bin
 
     port = _free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "link-home"),
@@ -223,7 +223,7 @@ def superlink(tmp_path):
             '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
             '[tool.flwr.app]\npublisher = "fedrnn"\n\n'
             '[tool.flwr.app.components]\nserverapp = "siteprobe_server:app"\n'
-            'clientapp = "client.app:app"\n\n'
+            'clientapp = "fedrnn.client.app:app"\n\n'
             f'[tool.flwr.app.config]\nout = "{replies}"\n')
         fab = build_fab_from_files({"pyproject.toml": pyproject.encode(),
                                     "siteprobe_server.py": PROBE_SERVER_APP.encode()})[0]
@@ -255,7 +255,7 @@ def test_only_the_holder_of_the_session_secret_claims_tasks(superlink, tmp_path,
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supernode.runtime.run_clientapp import pull_task_input
 
-    from client.node import (
+    from fedrnn.client.node import (
         SIGNED_METHODS,
         SiteOptions,
         _free_port,

@@ -20,11 +20,11 @@ import torch
 from conftest import independent_rdp_epsilon
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from client.app import app
-from client.ledger import Ledger
-from shared import protocol as P
-from shared.config import RunConfig
-from shared.models import build_model
+from fedrnn.client.app import app
+from fedrnn.client.ledger import Ledger
+from fedrnn.shared import protocol as P
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.models import build_model
 
 BUDGET_EPSILON, BUDGET_DELTA = 3.0, 1e-6
 PROPOSAL = RunConfig(task="classify", labels="sick,well", features="hr,temp", hidden_size=8,
@@ -193,7 +193,7 @@ def test_weights_crafted_to_test_the_records_are_refused_before_any_charge(site)
 def test_a_non_finite_record_does_not_change_the_shape_of_an_evaluation():
     import numpy as np
 
-    from client.evaluation import release
+    from fedrnn.client.evaluation import release
 
     zero = lambda n: np.zeros(n)  # noqa: E731  no noise: the sums themselves
     clean = release(np.array([0.5, 0.5]), np.array([1.0, 1.0]), PROPOSAL, sigma=1.0,

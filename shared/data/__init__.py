@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.config import RunConfig
-from shared.data.builtin import load_builtin
-from shared.data.corpus import Corpus
-from shared.data.identity import held_out, record_keys, seeded_secret
-from shared.data.partition import is_holdout_client, partition
-from shared.data.readers import read_file
-from shared.data.tensors import SequenceTensors, encode_series, encode_text, local_scaling
-from shared.data.tokenizers import make_tokenizer
-from shared.errors import ConfigError, DataError
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data.builtin import load_builtin
+from fedrnn.shared.data.corpus import Corpus
+from fedrnn.shared.data.identity import held_out, record_keys, seeded_secret
+from fedrnn.shared.data.partition import is_holdout_client, partition
+from fedrnn.shared.data.readers import read_file
+from fedrnn.shared.data.tensors import SequenceTensors, encode_series, encode_text, local_scaling
+from fedrnn.shared.data.tokenizers import make_tokenizer
+from fedrnn.shared.errors import ConfigError, DataError
 
 log = logging.getLogger("fedrnn")
 

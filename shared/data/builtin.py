@@ -17,10 +17,10 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from shared.config import RunConfig
-from shared.data.corpus import Corpus
-from shared.data.readers import series_corpus_from_frame
-from shared.errors import ConfigError
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data.corpus import Corpus
+from fedrnn.shared.data.readers import series_corpus_from_frame
+from fedrnn.shared.errors import ConfigError
 
 WINDOW_DAYS = 730
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.config import RunConfig
-from shared.data import load_corpus, partition_corpus
-from shared.data.corpus import Corpus
-from shared.errors import ConfigError
-from shared.files import write_atomic
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data import load_corpus, partition_corpus
+from fedrnn.shared.data.corpus import Corpus
+from fedrnn.shared.errors import ConfigError
+from fedrnn.shared.files import write_atomic
 
 
 def write_site_files(config: RunConfig, out_dir: str | Path) -> list[Path]:

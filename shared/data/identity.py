@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shared.data.corpus import Corpus
+from fedrnn.shared.data.corpus import Corpus
 
 KEY_BYTES = 16  # 128-bit content hashes: collisions are out of reach for any data set
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.config import RunConfig
-from shared.data.corpus import Corpus
-from shared.errors import ConfigError, DataError
+from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data.corpus import Corpus
+from fedrnn.shared.errors import ConfigError, DataError
 
 MIN_RECORDS = 2  # one to train on and one to evaluate, except with one client per record
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.data.corpus import Corpus
-from shared.errors import DataError
+from fedrnn.shared.data.corpus import Corpus
+from fedrnn.shared.errors import DataError
 
 SERIES_KEYS = ("client", "sequence_id", "time", "label")
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from shared.data.tokenizers import BOS, EOS, PAD, Tokenizer
+from fedrnn.shared.data.tokenizers import BOS, EOS, PAD, Tokenizer
 
 Z_CLIP = 5.0  # standardised values beyond +-5 (entry errors like sbp=13682) are clipped
 GAP_SCALE = 5.0  # gap channel = log1p(time since previous observation) / GAP_SCALE
