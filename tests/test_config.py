@@ -63,7 +63,7 @@ def test_the_fedrnn_command_turns_flowers_telemetry_off():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
-    code = ("import shared.cli, flwr.supercore.telemetry as t; "
+    code = ("import fedrnn.shared.cli, flwr.supercore.telemetry as t; "
             "print(t.FLWR_TELEMETRY_ENABLED, t.os.environ['FLWR_TELEMETRY_ENABLED'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True).stdout.split()
@@ -76,7 +76,7 @@ def test_the_fedrnn_command_turns_rays_usage_stats_off():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}
-    code = ("import shared.cli; from ray._common.usage.usage_lib import usage_stats_enabled; "
+    code = ("import fedrnn.shared.cli; from ray._common.usage.usage_lib import usage_stats_enabled; "
             "print(usage_stats_enabled())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True).stdout.split()
