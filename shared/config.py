@@ -32,6 +32,25 @@ DP_LEVELS = ("record", "user", "both")
 OPTIMIZERS = ("sgd", "adam")
 
 
+# Which flags each command offers: a command lists the groups it reads (``fedrnn split
+# --help`` shows the data and partition settings, not the model's). Every field is in exactly
+# one group (tests/test_config.py).
+FLAG_GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("dataset", "data", "task", "tokenizer", "vocab_size", "max_len", "labels",
+             "features"),
+    "partition": ("partitioner", "dirichlet_alpha", "clients", "eval_fraction"),
+    "model": ("model", "nonlinearity", "hidden_size", "num_layers", "dropout", "embedding_dim"),
+    "federation": ("rounds", "clients_per_round", "eval_clients_per_round", "strategy",
+                   "server_lr", "trim_beta", "krum_byzantine", "local_epochs", "batch_size",
+                   "optimizer", "lr"),
+    "faults": ("dropout_rate", "straggler_rate", "attack", "attack_rate", "attack_scale",
+               "straggler_delay"),
+    "privacy": ("dp", "epsilon", "delta", "noise_multiplier", "clip_norm", "accountant",
+                "dp_level", "user_noise_multiplier", "user_clip_norm"),
+    "ledger": ("budget_epsilon", "budget_delta", "ledger_dir"),
+    "run": ("round_timeout", "seed", "out", "run_id"),
+}
+
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
 

@@ -74,7 +74,8 @@ def watch(command: list[str]) -> dict:
 def main() -> int:
     args = sys.argv[1:]
     if "--" not in args or args.index("--") == len(args) - 1:
-        print("usage: python -m fedrnn.simulations.peak_memory [--json] -- COMMAND ...", file=sys.stderr)
+        print("usage: python -m fedrnn.simulations.peak_memory [--json] -- COMMAND ...",
+              file=sys.stderr)
         return 2
     result = watch(args[args.index("--") + 1:])
     if "--json" in args[: args.index("--")]:

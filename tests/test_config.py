@@ -1,10 +1,12 @@
+import argparse
 import tomllib
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from fedrnn.shared.cli import build_parser, config_from_args
-from fedrnn.shared.config import RunConfig, dump_toml
+from fedrnn.shared.cli import build_parser, config_from_args, main
+from fedrnn.shared.config import FLAG_GROUPS, RunConfig, dump_toml, key_of
 from fedrnn.shared.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +55,8 @@ def test_pyproject_app_config_agrees_with_defaults():
     app_config = pyproject["tool"]["flwr"]["app"]["config"]
     assert RunConfig.from_flat(app_config) == RunConfig()
     components = pyproject["tool"]["flwr"]["app"]["components"]
-    assert components == {"serverapp": "fedrnn.server.app:app", "clientapp": "fedrnn.client.app:app"}
+    assert components == {"serverapp": "fedrnn.server.app:app",
+                          "clientapp": "fedrnn.client.app:app"}
 
 
 def test_the_fedrnn_command_turns_flowers_telemetry_off():
@@ -76,8 +79,56 @@ def test_the_fedrnn_command_turns_rays_usage_stats_off():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}
-    code = ("import fedrnn.shared.cli; from ray._common.usage.usage_lib import usage_stats_enabled; "
+    code = ("import fedrnn.shared.cli; "
+            "from ray._common.usage.usage_lib import usage_stats_enabled; "
             "print(usage_stats_enabled())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True).stdout.split()
     assert out == ["False"]
+
+
+def test_every_setting_is_in_exactly_one_flag_group():
+    grouped = [name for names in FLAG_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in fields(RunConfig))
+
+
+def _flags(command: list[str]) -> set[str]:
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices  # argparse keeps no public accessor
+    for name in command:
+        parser = sub[name]
+        if parser._subparsers is not None:
+            sub = parser._subparsers._group_actions[0].choices
+    return {flag for action in parser._actions for flag in action.option_strings
+            if action.help != argparse.SUPPRESS}
+
+
+def test_each_command_offers_only_the_settings_it_reads():
+    split = _flags(["split"])
+    assert {"--dataset", "--partitioner", "--clients", "--seed", "--config"} <= split
+    assert not split & {"--model", "--rounds", "--dropout", "--epsilon", "--attack"}
+    server = _flags(["server"])
+    assert {"--model", "--rounds", "--epsilon", "--address", "--min-clients"} <= server
+    # the server holds no records; sites split, budget and keep their own ledgers
+    assert not server & {"--data", "--partitioner", "--attack", "--budget-epsilon",
+                         "--ledger-dir", "--eval-fraction"}
+    assert {"--" + key_of(f.name) for f in fields(RunConfig)} <= _flags(["simulate"])
+    client = _flags(["client"])
+    assert "--budget-epsilon" in client and not client & {"--epsilon", "--model"}
+
+
+def test_a_refused_server_setting_says_why(capsys):
+    assert main(["server", "--insecure", "--data", "x.csv"]) == 2
+    assert "the server holds no records" in capsys.readouterr().err
+
+
+def test_the_bottom_layer_imports_nothing_above_it():
+    """shared/ is the bottom layer (import-linter checks the source in CI; this checks what
+    actually loads): the program finds its commands through entry points."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fedrnn.shared.cli, fedrnn.shared.config, fedrnn.shared.data, "
+            "fedrnn.shared.privacy; sys.exit(any(m.startswith(('fedrnn.server', "
+            "'fedrnn.client', 'fedrnn.simulations')) for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

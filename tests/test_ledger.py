@@ -218,7 +218,8 @@ TRAINER = textwrap.dedent("""
         charged = charge(*args, **kwargs)
         print("charged", flush=True)
         return charged
-    client.site.charge = charge_and_say
+    import fedrnn.client.site
+    fedrnn.client.site.charge = charge_and_say
     train_round(site, config, 1, build_model(config))
     print("released", flush=True)
 """)

@@ -86,8 +86,8 @@ def test_workers_load_flowers_actor_without_flowers_simulation_server():
 def test_the_driver_does_not_import_opacus():
     # The driver only hands the ClientApp to Flower and holds weights; Opacus (1.4 s of CPU)
     # would compete with the workers' start-up on a small machine.
-    code = ("import sys, fedrnn.simulations.simulate, fedrnn.server.app, fedrnn.client.app, fedrnn.shared.models, "
-            "fedrnn.shared.privacy; sys.exit('opacus' in sys.modules)")
+    code = ("import sys, fedrnn.simulations.simulate, fedrnn.server.app, fedrnn.client.app, "
+            "fedrnn.shared.models, fedrnn.shared.privacy; sys.exit('opacus' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from fedrnn.shared.cli import build_parser, config_from_args, main
+from fedrnn.shared.cli import build_parser, main
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.errors import ConfigError
 from fedrnn.simulations.bench_simulation import bench_simulation
+from fedrnn.simulations.commands import simulation_config
 from fedrnn.simulations.scenarios import describe, load_scenario, scenario_names
 from fedrnn.simulations.sweep import parse_sweeps
 
@@ -24,14 +25,14 @@ def test_every_scenario_is_a_valid_config():
 
 def test_flags_and_config_file_override_the_scenario(tmp_path):
     parse = build_parser().parse_args
-    config = config_from_args(parse(["simulate", "--scenario", "nafld-hospitals"]))
+    config = simulation_config(parse(["simulate", "--scenario", "nafld-hospitals"]))
     assert (config.clients, config.partitioner) == (30, "quantity")
-    assert config_from_args(parse(["simulate", "--scenario", "nafld-hospitals",
-                                   "--clients", "12"])).clients == 12
+    assert simulation_config(parse(["simulate", "--scenario", "nafld-hospitals",
+                                    "--clients", "12"])).clients == 12
     file = tmp_path / "c.toml"
     file.write_text("rounds = 4\n")
-    config = config_from_args(parse(["simulate", "--scenario", "nafld-hospitals",
-                                     "--config", str(file), "--rounds", "5"]))
+    config = simulation_config(parse(["simulate", "--scenario", "nafld-hospitals",
+                                      "--config", str(file), "--rounds", "5"]))
     assert (config.clients, config.rounds) == (30, 5)
 
 

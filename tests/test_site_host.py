@@ -158,7 +158,8 @@ def test_a_stopped_site_removes_its_secret(tmp_path):
            "OMP_NUM_THREADS": "1"}
     # nothing listens on the server's port: the site keeps trying until it is stopped
     site = subprocess.Popen(
-        [sys.executable, "-m", "fedrnn.shared.cli", "client", "--server", f"127.0.0.1:{_free_port()}",
+        [sys.executable, "-m", "fedrnn.shared.cli", "client", "--server",
+         f"127.0.0.1:{_free_port()}",
          "--insecure", "--data", str(tmp_path / "sites" / "site-0.csv"), "--ledger",
          str(tmp_path / "site.sqlite"), "--budget-epsilon", "8", "--budget-delta", "1e-5"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
