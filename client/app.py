@@ -14,7 +14,7 @@ hands the round to ``client.site`` and wraps its answer, or its refusal, in a re
 
 The training code (``fedrnn.client.training``, with Opacus) is imported by the handlers, not
 here: a simulation's driver imports this module only to hand ``app`` to Flower's engine,
-and Opacus would cost it 1.4 s of CPU beside workers that are busy importing it too.
+and importing Opacus would cost it CPU beside workers that are busy importing it too.
 Processes that serve sites import it up front (``fedrnn.simulations.worker_preload``).
 """
 
@@ -136,7 +136,7 @@ def _run_config(msg: Message) -> tuple[RunConfig, int]:
 @functools.lru_cache(maxsize=16)
 def _parsed(values: str) -> RunConfig:
     """A run's config is the same in every message but the round: parsed and checked once
-    per process (0.7 ms a message, 400 messages in the default simulation)."""
+    per process rather than once per message."""
     return RunConfig.from_flat(json.loads(values))
 
 

@@ -13,9 +13,9 @@ training (which start from the same weights) can be in flight together (federati
 The ``i``-th slot of a phase serves the client at position ``i`` of the phase's
 ``partitions`` list, which travels in the phase's config. Flower's Simulation Engine
 polls every node for messages ten times a second, a scan over all nodes times all
-messages in flight: with 15,000 SuperNodes that scan kept
-the server's process busy (86% of its samples, measured with py-spy) and starved the
-rounds. The Simulation Engine registers node ``i`` for partition ``i`` in order
+messages in flight: with one SuperNode per client, at thousands of clients that scan
+keeps the server's process busy and starves the rounds. The Simulation Engine registers
+node ``i`` for partition ``i`` in order
 (``flwr.server.superlink.fleet.vce.vce_api._register_nodes``) and its in-memory LinkState
 lists nodes in that order, which is how the server learns which node is slot ``i``.
 

@@ -1,7 +1,7 @@
 """Development certificates for a deployment: a CA, a server certificate, site key pairs.
 
 ``fedrnn certs DIR`` writes what a trial deployment needs; production replaces the CA and
-server certificate with the organisation's own (README, "Run it across machines").
+server certificate with the organisation's own (docs/deployment.md).
 
 - ``ca.crt``: the certificate every site trusts (``fedrnn client --root-cert``);
 - ``server.crt`` / ``server.key``: the server's TLS identity, valid for ``localhost``,

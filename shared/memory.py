@@ -16,9 +16,8 @@ def reuse_freed_memory() -> bool:
     Per-sample gradients are tens of MB per weight (64 x 1024 x 256 floats = 67 MB for the
     LEAF LSTM); Opacus allocates and frees such tensors every step. glibc's default serves
     each block above 32 MB with a fresh ``mmap`` and the kernel zero-fills every page on
-    first touch: 11-14 ms per 67 MB tensor. With these thresholds later steps reuse pages
-    already mapped: measured DP-SGD step of the LEAF LSTM about 290 -> 230 ms, resident
-    memory flat at about 1 GB over 40 steps either way (``fedrnn bench dp-step``). It is
+    first touch, every step. With these thresholds later steps reuse pages already
+    mapped, without raising resident memory (``fedrnn bench dp-step`` shows both). It is
     what the jemalloc/tcmalloc advice in PyTorch's CPU performance guide buys, without
     preloading another allocator. Returns False where it does not apply (not glibc).
     """

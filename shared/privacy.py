@@ -18,7 +18,7 @@ import numpy as np
 
 # Opacus is imported by the functions that compute with it: this module's types and
 # sampling arithmetic are used by processes that never account (a simulation's driver),
-# and importing Opacus costs them 1.4 s of CPU.
+# and importing Opacus would cost them CPU while the workers need it.
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 
@@ -87,14 +87,14 @@ def epsilon(history: History, *, delta: float, accountant: str = "rdp") -> float
 
 # --- RDP: Opacus's numbers, fewer of them ---------------------------------------------------
 # Opacus's RDPAccountant computes the RDP curve at every order and converts it to epsilon
-# at the best one. A curve costs 0.34 s at the 156 orders here (q = 0.5), nearly all of
-# it the fractional orders below 2.3, whose series converges slowly; a calibration
-# evaluates 11 curves (3.4 s per process, paid by every simulation worker in round 1).
+# at the best one. Nearly all of a curve's cost is the fractional orders below 2.3, whose
+# series converges slowly, and a calibration evaluates many curves (paid by every
+# simulation worker in round 1; docs/benchmarks.md has the figures).
 # Most orders cannot be the best one, and two facts say which without computing them:
 #   - epsilon at order a is RDP(a) + c(a), c being the conversion's part without RDP
 #     (Opacus's ``get_privacy_spent``), and RDP(a) is at least RDP at any lower order
 #     (a Renyi divergence never decreases with its order; at least 0 below 2);
-#   - so once the integer orders (a closed form, 0.1 ms each) give an epsilon, a
+#   - so once the integer orders (a closed form, cheap) give an epsilon, a
 #     fractional order whose lower bound is no better is never computed, and gets RDP
 #     +inf in the curve handed to Opacus's conversion, which then picks the same order
 #     and returns the same float as over the full curve.
@@ -176,7 +176,7 @@ def merge_history(history: History) -> History:
     The same mechanism composed n1 then n2 times is that mechanism composed n1 + n2 times,
     for every accountant here; a site that runs the same DP-SGD every round keeps a
     one-entry history, so its epsilon costs the same in round 1000 as in round 1 (computed
-    entry by entry it cost about 0.13 s more per round).
+    entry by entry, each round's charge would cost more than the last).
     """
     steps: dict[tuple[float, float], int] = {}
     for s, q, n in history:

@@ -24,12 +24,10 @@ import randomgen
 import torch
 
 # AES-128 in counter mode rather than ChaCha20: both are secure stream ciphers, and AES runs
-# on the CPU's AES instructions (every x86 machine of the project has them). Measured here
-# (Intel Xeon, AVX-512, numpy 2.4, randomgen 2.5) for 800k float32 normals, the noise of
-# one LEAF LSTM step: AESCounter 7.4 ms, ChaCha20 11.7 ms, torch.normal 2.4 ms; raw 64-bit
-# words, 1.5 ms against 9.7 ms. Without the AES instructions randomgen falls back to a
-# table-based AES (35 ms), still correct. One algorithm everywhere, never chosen per
-# machine: ``from_seed`` must give the same stream on every machine.
+# on the CPU's AES instructions (every x86 machine of the project has them), so it is the
+# faster of the two here (docs/benchmarks.md). Without the AES instructions randomgen
+# falls back to a slower table-based AES, still correct. One algorithm everywhere, never
+# chosen per machine: ``from_seed`` must give the same stream on every machine.
 KEY_BITS = 128
 _DOMAIN = b"fedrnn site randomness v1"  # keys from seeds never collide with another use
 

@@ -112,7 +112,7 @@ def bench_simulation(workload: dict[str, int] | None = None, *, repeats: int = 3
                      progress=print) -> dict:
     """``repeats`` alternating pairs (plain, then simulation); the pair with the median
     ratio is reported, with every pair's ratio in ``ratios``. Alternating keeps a drift
-    of the machine's speed (10% to 50% over minutes on shared machines) from landing on
+    of the machine's speed (large over minutes on shared machines) from landing on
     one side only."""
     if repeats < 1:
         raise ValueError("repeats must be at least 1")

@@ -1,17 +1,16 @@
 """The Ray instance under ``fedrnn simulate``: started early, its workers warm, stopped fast.
 
-Measured on 2 cores (``fedrnn bench simulation``, README), four of Ray's defaults cost
-the simulation seconds that the same client work in a plain process never pays:
+Four of Ray's defaults cost the simulation seconds that the same client work in a plain
+process never pays (``fedrnn bench simulation`` measures the difference):
 
-- a Ray worker imports torch, Opacus and Flower (about 2.7 s) only when Flower's first
+- a Ray worker imports torch, Opacus and Flower only when Flower's first
   message reaches it, so round 1 waited for it. Here every worker imports them as it
   starts (Ray's ``preload_python_modules``), while the driver reads the data;
 - Flower's backend starts Ray with a ``runtime_env``, which stops Ray from pre-starting
   its workers; ``start_ray`` starts it without one (same PYTHONPATH, by environment);
 - a head node starts the autoscaler's monitor and a log monitor, two Python processes
-  whose imports (about 1 CPU-s each) compete with the driver's and hold back the raylet,
-  which starts after them: ``ray.init`` returned 1 to 2 s sooner without them (standalone,
-  four alternating runs). The monitor has nothing to scale on one machine; the log
+  whose imports compete with the driver's and hold back the raylet, which starts after
+  them. The monitor has nothing to scale on one machine; the log
   monitor only streams the workers' output to a driver that asked for it (``--verbose``);
 - Ray's processes retry their connections one second apart (``FAST_CONNECT``).
 
@@ -38,8 +37,7 @@ WORKER_PRELOAD = "fedrnn.simulations.worker_preload"
 # Ray's processes connect to the raylet and its object store with retries, one second
 # apart by default (10 attempts). At start-up the raylet's first attempt on its own store
 # often came before the store's socket existed, and it waited a full second for nothing
-# (the gap in raylet.out in 2 of 3 starts; 10 to 60 ms in 4 of 4 with this). Retrying
-# every 50 ms keeps the same 10 s of patience.
+# (a gap in raylet.out). Retrying every 50 ms keeps the same 10 s of patience.
 FAST_CONNECT = {"RAY_raylet_client_connect_timeout_milliseconds": "50",
                 "RAY_raylet_client_num_connect_attempts": "200"}
 

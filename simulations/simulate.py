@@ -16,8 +16,8 @@ from pathlib import Path
 
 import ray
 
-# Nothing here imports torch at module level: Ray should start before the imports
-# (about 1 s) and the data reading, which run beside it in a thread.
+# Nothing here imports torch at module level: Ray should start before the imports and the
+# data reading, which run beside it in a thread.
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.errors import ConfigError, FedrnnError
 from fedrnn.simulations.ray_setup import CPUS_PER_CLIENT, start_ray
@@ -74,9 +74,9 @@ def simulate(config: RunConfig, *, verbose: bool = False,
     """
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a CPU-only tip
-    # Ray starts (about 2.5 s, mostly waiting on its processes, whose workers then import
-    # the ClientApp) while this process reads and checks the data in a thread; ray.init
-    # itself must run on the main thread.
+    # Ray starts (mostly waiting on its processes, whose workers then import the ClientApp)
+    # while this process reads and checks the data in a thread; ray.init itself must run on
+    # the main thread.
     with ThreadPoolExecutor(max_workers=1) as pool:
         prepared = pool.submit(_prepare_and_import, config)
         start_ray(verbose=verbose)
@@ -95,7 +95,8 @@ def simulate(config: RunConfig, *, verbose: bool = False,
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
     # ``run_simulation`` is Flower's in-process entry to its Simulation Runtime; Flower
-    # marks it deprecated in favour of ``flwr run``, which fedrnn also supports (README).
+    # marks it deprecated in favour of ``flwr run``, which fedrnn also supports
+    # (docs/simulation.md).
     flwr_logger.addFilter(_HideDeprecation())
     from flwr.simulation import run_simulation
 

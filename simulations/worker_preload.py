@@ -1,13 +1,13 @@
 """Imported by each Ray worker process of ``fedrnn simulate`` as it starts (``ray_setup``).
 
-The ClientApp's libraries (torch, Opacus, Flower: about 3.5 s) are then loaded while the
+The ClientApp's libraries (torch, Opacus, Flower) are then loaded while the
 driver is still reading the data, not when round 1's first message arrives. So is
 Flower's actor class.
 
 The actor class lives in ``flwr.simulation.ray_transport.ray_actor``, and importing it runs
 ``flwr/simulation/__init__.py`` first, which imports Flower's whole simulation server
-(LinkState, its SQL object store, SQLAlchemy, Alembic): about 1 s of CPU per worker, spent
-while the machine's cores are all busy starting up, for code a ClientApp actor never runs.
+(LinkState, its SQL object store, SQLAlchemy, Alembic): CPU spent per worker while the
+machine's cores are all busy starting up, for code a ClientApp actor never runs.
 Here that package is registered without running its ``__init__`` until something asks
 it for an attribute (``_DeferredPackage``).
 """
@@ -21,7 +21,7 @@ from fedrnn.simulations.ray_setup import CPUS_PER_CLIENT
 
 # Ray sets OMP_NUM_THREADS to a task's CPUs only when the task starts, after this import:
 # torch would already have sized its thread pool to the whole machine, and two actors on
-# two cores would run four threads (measured: rounds 5x slower). Set it as Ray would.
+# two cores would run four threads, oversubscribing the cores. Set it as Ray would.
 os.environ.setdefault("OMP_NUM_THREADS", str(CPUS_PER_CLIENT))
 
 

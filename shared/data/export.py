@@ -1,8 +1,8 @@
 """Writing a dataset's clients out as one records file per site (``fedrnn split``).
 
 A trial deployment needs sites with records of their own; this writes each simulated
-client's records in the very formats ``fedrnn client --data`` reads (README, "Bring your
-own data"), so what a site trains on in a deployment is what it trains on in a simulation.
+client's records in the very formats ``fedrnn client --data`` reads (docs/data.md), so
+what a site trains on in a deployment is what it trains on in a simulation.
 """
 
 from __future__ import annotations

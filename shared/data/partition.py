@@ -11,9 +11,8 @@ Partitioners (``--partitioner``):
 Why not Flower Datasets' partitioners: they do work offline on an in-memory
 ``datasets.Dataset`` (checked: flwr-datasets 0.6.1, datasets 4.8.5), but they bring
 pyarrow, ``datasets``, ``huggingface_hub``, aiohttp and seaborn (16 packages) into every
-site's install, and importing them costs each simulation worker 1.4 s of start-up
-(measured here: ``datasets`` 0.45 s, ``flwr_datasets.partitioner`` 0.95 s), which is
-the overhead this harness is built to remove. The splits below are a few lines of numpy
+site's install, and importing them lengthens every simulation worker's start-up, which
+is the overhead this harness is built to remove. The splits below are a few lines of numpy
 each over record indices, computed once per process.
 """
 

@@ -1,6 +1,6 @@
 """Readers for users' own files. Every problem becomes a DataError naming file and place.
 
-Formats (README, "Bring your own data"):
+Formats (docs/data.md):
 
 - text, JSONL: one object per line, ``{"client": str, "text": str, "label": optional}``;
   the same columns as CSV (``client`` optional in both).
