@@ -26,50 +26,26 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from fedrnn.shared import tasks
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.data import SequenceTensors
-from fedrnn.shared.data.tokenizers import make_tokenizer
-from fedrnn.shared.models import SequenceModel
+from fedrnn.shared.models import SequenceModel, vocab_size
+from fedrnn.shared.tasks import get_task
 
 SENSITIVITY = math.sqrt(3.0)  # the norm of (loss / L, score / M, 1) at most
-FORECAST_LOSS_BOUND = 4.0  # MSE of standardised values (z clipped to +-5 in the inputs)
-FORECAST_MAE_BOUND = 2.0
-
-
-def bounds(config: RunConfig) -> tuple[float, float]:
-    """(L, M): what one record's loss and score are clipped to. A loss of twice the
-    uniform guess's is already a model that has learnt nothing; clipping there keeps the
-    noise (proportional to L) small against what the metric can show."""
-    if config.task == "classify":
-        return max(2 * math.log(len(config.label_names)), 1.0), 1.0
-    if config.task == "lm":
-        vocabulary = make_tokenizer(config.tokenizer, config.vocab_size).vocab_size
-        return 2 * math.log(vocabulary), 1.0
-    return FORECAST_LOSS_BOUND, FORECAST_MAE_BOUND
 
 
 @torch.no_grad()
 def per_record(model: SequenceModel, data: SequenceTensors, config: RunConfig,
                ) -> tuple[np.ndarray, np.ndarray]:
     """Each evaluation record's loss and score (see module docstring), unclipped."""
+    task = get_task(config.task)
     model.eval()
     losses, scores = [], []
     for start in range(0, len(data), 256):
-        batch = data.subset(torch.arange(start, min(start + 256, len(data))))
-        inputs, lengths, labels = batch.inputs, batch.lengths, batch.labels
-        losses.append(tasks.record_losses(model, (inputs, lengths, labels), config.task))
-        if config.task == "classify":
-            logits = model(tasks._trim(inputs, lengths), lengths)
-            scores.append((logits.argmax(-1) == labels).float())
-            continue
-        pred, target, mask = tasks._per_step(model, (inputs, lengths, labels), config.task)
-        if config.task == "lm":
-            hits = (pred.argmax(-1) == target).float() * mask
-        else:
-            hits = (pred - target).abs() * mask
-        dims = tuple(range(1, hits.dim()))
-        scores.append(hits.sum(dim=dims) / mask.sum(dim=dims).clamp(min=1))
+        part = data.subset(torch.arange(start, min(start + 256, len(data))))
+        batch = (part.inputs, part.lengths, part.labels)
+        losses.append(task.record_losses(model, batch))
+        scores.append(task.record_scores(model, batch))
     if not losses:
         return np.zeros(0), np.zeros(0)
     return torch.cat(losses).numpy().astype(float), torch.cat(scores).numpy().astype(float)
@@ -79,10 +55,14 @@ def release(losses: np.ndarray, scores: np.ndarray, config: RunConfig, *, sigma:
             normal: Callable[[int], np.ndarray]) -> dict[str, float]:
     """The task's metrics from the noised sums; ``normal(n)`` draws n standard normals
     from the site's secure generator."""
-    loss_bound, score_bound = bounds(config)
+    task = get_task(config.task)
+    # L and M: a loss of twice the uniform guess's is already a model that has learnt
+    # nothing; clipping there keeps the noise (proportional to L) small against what the
+    # metric can show.
+    loss_bound, score_bound = task.release_bounds(config, vocab_size=vocab_size(config))
     # A record whose loss or score is not finite (weights that overflow on it) counts as
     # the worst value: what is released never depends on whether that happened.
-    worst_score = score_bound if config.task == "forecast" else 0.0
+    worst_score = task.worst_score(score_bound)
     losses = np.nan_to_num(losses, nan=loss_bound, posinf=loss_bound, neginf=0.0)
     scores = np.nan_to_num(scores, nan=worst_score, posinf=score_bound, neginf=0.0)
     sums = np.array([np.clip(losses, 0, loss_bound).sum() / loss_bound,
@@ -91,12 +71,6 @@ def release(losses: np.ndarray, scores: np.ndarray, config: RunConfig, *, sigma:
     count = max(float(noised[2]), 1.0)
     loss = float(np.clip(noised[0] / count, 0, 1)) * loss_bound
     score = float(np.clip(noised[1] / count, 0, 1)) * score_bound
-    metrics = {"num-examples": max(float(noised[2]), 0.0), "loss": loss}
-    if config.task == "classify":
-        metrics.update(accuracy=score, auroc=math.nan)
-    elif config.task == "lm":
-        metrics.update(accuracy=score, perplexity=math.exp(min(loss, 50.0)))
-    else:
-        metrics["mae"] = score
-    return metrics
+    return {"num-examples": max(float(noised[2]), 0.0), "loss": loss,
+            **task.released_metrics(loss=loss, score=score)}
 

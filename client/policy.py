@@ -81,9 +81,9 @@ def check_proposal(proposal: RunConfig, policy: SitePolicy) -> RunConfig:
     from fedrnn.shared import protocol as P
 
     problems = []
-    if not proposal.dp or not proposal.record_level:
+    if not proposal.mechanism.sites_run_dpsgd:
         problems.append("it trains only with record-level DP (the server asked for "
-                        f"{'no DP' if not proposal.dp else 'dp-level ' + proposal.dp_level})")
+                        f"{proposal.mechanism.describe()})")
     if not 0 < proposal.epsilon < math.inf:
         problems.append(f"epsilon {proposal.epsilon} is not a finite positive number")
     if proposal.accountant not in OFFERED_ACCOUNTANTS:

@@ -72,7 +72,7 @@ def train_round(site: Site, config: RunConfig, server_round: int,
 
     if not site.data.train_keys:
         raise Declined(P.FAILED_DATA, f"site {site.name} holds no training records")
-    if not config.record_level:  # a simulation's non-private baseline or user-level DP
+    if not config.mechanism.sites_run_dpsgd:  # a simulation's baseline or user-level DP
         if site.deployed:
             raise Declined(P.DECLINED_POLICY, "record-level DP is required")
         result = train_local(model, site.data.train, config, noise_multiplier=None,

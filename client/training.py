@@ -26,13 +26,13 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from fedrnn.shared import tasks
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.data import SequenceTensors
 from fedrnn.shared.memory import reuse_freed_memory
 from fedrnn.shared.models import SequenceModel
 from fedrnn.shared.privacy import History, sample_rate, steps_per_round
 from fedrnn.shared.randomness import SiteRandomness
+from fedrnn.shared.tasks import Batch, Task, get_task
 
 # Opacus's hooks fire on modules whose inputs need no gradient (the first layer); torch
 # warns about it on every backward pass, although the per-sample gradients are right.
@@ -71,11 +71,12 @@ def train(model: SequenceModel, data: SequenceTensors, config: RunConfig, *,
         trained, optimizer, engine = make_private(
             model, optimizer, loader, noise_multiplier=noise_multiplier,
             clip_norm=config.clip_norm, accountant=config.accountant, randomness=randomness)
+    task = get_task(config.task)
     losses, steps = [], 0
     for _ in range(config.local_epochs):
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = backward(trained, optimizer if engine else None, batch, config.task)
+            loss = backward(trained, optimizer if engine else None, batch, task)
             optimizer.step()  # also for an empty Poisson batch: the noise is still added
             steps += 1
             if loss is not None:
@@ -210,13 +211,13 @@ CLIPPING = "ghost"
 _UNUSED_CRITERION = torch.nn.MSELoss()  # make_private wants one; ``backward`` builds the loss
 
 
-def backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, batch,
-             task: str) -> float | None:
+def backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, batch: Batch,
+             task: Task) -> float | None:
     """The gradients of one step in ``p.grad``: plain with no ``optimizer``, else each
     record's clipped (the sum; the DP optimizer adds noise and averages). The batch's mean
     loss, None for an empty (Poisson) batch, whose step is noise alone."""
     if optimizer is None:
-        loss = tasks.loss(model, batch, task)
+        loss = task.loss(model, batch)
         loss.backward()
         return loss.item() if len(batch[1]) else None
     if len(batch[1]) == 0:
@@ -224,7 +225,7 @@ def backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ba
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
         return None
-    per_record = tasks.record_losses(model, batch, task)
+    per_record = task.record_losses(model, batch)
     loss = DPTensorFastGradientClipping(model, optimizer, per_record, "mean")
     loss.backward()
     return loss.item()
@@ -232,8 +233,7 @@ def backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ba
 
 def evaluate(model: SequenceModel, data: SequenceTensors, config: RunConfig) -> dict[str, float]:
     loader = DataLoader(data.dataset(), batch_size=max(config.batch_size, 256), shuffle=False)
-    return tasks.evaluate(model, loader, config.task,
-                          binary=config.task == "classify" and len(config.label_names) == 2)
+    return get_task(config.task).evaluate(model, loader, config)
 
 
 def _optimizer(model: SequenceModel, config: RunConfig) -> torch.optim.Optimizer:

@@ -99,9 +99,9 @@ def check_server_config(config: RunConfig) -> RunConfig:
         # wait for it until Flower's message expiry (hours).
         config = config.replace(round_timeout=DEFAULT_ROUND_TIMEOUT)
         log.info("round timeout %gs (--round-timeout to change)", DEFAULT_ROUND_TIMEOUT)
-    if not config.record_level:
-        log.warning("dp-level %s: deployed sites train only with record-level DP and will "
-                    "decline this run", config.dp_level if config.dp else "none")
+    if not config.mechanism.sites_run_dpsgd:
+        log.warning("%s: deployed sites train only with record-level DP and will decline "
+                    "this run", config.mechanism.describe())
     return config
 
 

@@ -117,7 +117,8 @@ def build_strategy(config: RunConfig, *, available: int,
                         min_available_nodes=max(train_k, eval_k))
     common = dict(
         **sampling,
-        weighted_by_key=P.UNIT_WEIGHT if config.user_level else P.NUM_EXAMPLES,
+        weighted_by_key=(P.UNIT_WEIGHT if config.mechanism.server_clips_and_noises
+                         else P.NUM_EXAMPLES),
         arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG,
         train_metrics_aggr_fn=aggregate_metrics,
         # Evaluation metrics are always weighted by what each site averaged over.
@@ -139,7 +140,7 @@ def build_strategy(config: RunConfig, *, available: int,
         strategy = Krum(num_malicious_nodes=config.krum_byzantine, **common)
     else:
         strategy = FedAvg(**common)
-    if config.user_level:
+    if config.mechanism.server_clips_and_noises:
         strategy = UserLevelDP(
             strategy, noise=_noise_source(config, deployed=not server_draws),
             noise_multiplier=config.user_noise_multiplier,

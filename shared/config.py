@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrnn.shared.errors import ConfigError
+from fedrnn.shared.mechanisms import DP_LEVELS, LEVELS, DPMechanism, mechanism_of
 
 TASKS = ("classify", "lm", "forecast")
 MODELS = ("gru", "lstm", "rnn")
@@ -28,7 +29,6 @@ STRATEGIES = ("fedavg", "fedadam", "fedmedian", "trimmed-mean", "krum")
 ROBUST_STRATEGIES = ("fedmedian", "trimmed-mean", "krum")  # Flower's, robust to outliers
 ATTACKS = ("none", "nan", "shape", "scale", "sign-flip")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
-DP_LEVELS = ("record", "user", "both")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -162,7 +162,8 @@ class RunConfig:
                 problems.append("noise-multiplier must be 0 (calibrate) or a positive number")
         if self.budget_epsilon < 0 or not (0 <= self.budget_delta < 1):
             problems.append("budget-epsilon must be >= 0 and budget-delta in [0, 1)")
-        if self.dp_level in ("user", "both") and not (
+        asked = LEVELS.get(self.dp_level)  # with or without --no-dp; None: reported above
+        if asked and asked.server_clips_and_noises and not (
                 0 < self.user_noise_multiplier < math.inf and 0 < self.user_clip_norm < math.inf):
             problems.append("user-noise-multiplier and user-clip-norm must be positive numbers")
         if not self.round_timeout >= 0:
@@ -181,7 +182,7 @@ class RunConfig:
             problems.append("attack-rate must be in [0, 1) and attack-scale a positive number")
         if not 0 < self.trim_beta < 0.5 or self.krum_byzantine < 0:
             problems.append("trim-beta must be in (0, 0.5) and krum-byzantine >= 0")
-        if self.strategy in ROBUST_STRATEGIES and self.user_level:
+        if self.strategy in ROBUST_STRATEGIES and asked and self.user_level:
             problems.append(f"strategy {self.strategy} does not combine with user-level DP, "
                             "whose noise is calibrated to a mean of clipped updates (one "
                             "site moves it by at most clip / sampled): use fedavg or fedadam")
@@ -203,14 +204,19 @@ class RunConfig:
         return self.eval_clients_per_round or self.clients_per_round
 
     @property
+    def mechanism(self) -> DPMechanism:
+        """Where the run's DP comes from (``shared.mechanisms``): ``dp`` and ``dp-level``."""
+        return mechanism_of(dp=self.dp, dp_level=self.dp_level)
+
+    @property
     def record_level(self) -> bool:
         """Whether sites run DP-SGD (record-level DP)."""
-        return self.dp and self.dp_level in ("record", "both")
+        return self.mechanism.sites_run_dpsgd
 
     @property
     def user_level(self) -> bool:
         """Whether the server clips and noises whole site updates (user-level DP)."""
-        return self.dp and self.dp_level in ("user", "both")
+        return self.mechanism.server_clips_and_noises
 
     @property
     def site_budget(self) -> tuple[float, float]:

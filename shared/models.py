@@ -16,6 +16,7 @@ from torch import nn
 from fedrnn.shared import nn as dpnn
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.data.tokenizers import make_tokenizer
+from fedrnn.shared.tasks import get_task
 
 
 class SequenceModel(nn.Module):
@@ -56,20 +57,23 @@ def build_model(config: RunConfig) -> SequenceModel:
     if config.feature_names:  # numeric series: [values, observed flags, gap] per step
         kwargs["n_channels"] = 2 * len(config.feature_names) + 1
     else:
-        kwargs["vocab_size"] = make_tokenizer(config.tokenizer, config.vocab_size).vocab_size
+        kwargs["vocab_size"] = vocab_size(config)
         kwargs["embedding_dim"] = config.embedding_dim
-    if config.task == "classify":
-        n_outputs = len(config.label_names)
-    elif config.task == "lm":
-        n_outputs = kwargs.get("vocab_size", 0)
-    else:
-        n_outputs = len(config.feature_names)
+    task = get_task(config.task)
+    n_outputs = task.n_outputs(config, vocab_size=kwargs.get("vocab_size", 0))
     if n_outputs < 1:
-        raise ValueError(f"cannot size the {config.task} head: resolve labels/features first")
+        raise ValueError(f"cannot size the {task.name} head: resolve labels/features first")
     return SequenceModel(cell=config.model, n_outputs=n_outputs,
-                         per_step=config.task != "classify", hidden_size=config.hidden_size,
+                         per_step=task.per_step, hidden_size=config.hidden_size,
                          num_layers=config.num_layers, dropout=config.dropout,
                          nonlinearity=config.nonlinearity, **kwargs)
+
+
+def vocab_size(config: RunConfig) -> int:
+    """The number of token ids of a text run's tokenizer; 0 for numeric series."""
+    if config.feature_names:
+        return 0
+    return make_tokenizer(config.tokenizer, config.vocab_size).vocab_size
 
 
 def load_trained(run_dir: str | Path) -> tuple[SequenceModel, RunConfig]:

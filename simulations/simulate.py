@@ -89,7 +89,8 @@ def simulate(config: RunConfig, *, verbose: bool = False,
              "all per round" if not config.clients_per_round
              else f"{config.clients_per_round} per round", config.rounds, config.model,
              config.data or config.dataset,
-             f"DP epsilon {config.epsilon:g} delta {config.delta:g}" if config.dp else "no DP")
+             f"DP epsilon {config.epsilon:g} delta {config.delta:g}" if config.mechanism.private
+             else "no DP")
 
     flwr_logger = logging.getLogger("flwr")
     if not verbose:

@@ -79,7 +79,7 @@ def run_sweep(base: RunConfig, specs: list[str], *, verbose: bool = False) -> Pa
         run_dir = simulate(config, verbose=verbose)
         summary = json.loads((run_dir / "summary.json").read_text())
         spent = summary["privacy"].get("epsilon_max")
-        if spent is None and config.record_level and math.isinf(config.epsilon):
+        if spent is None and config.mechanism.sites_run_dpsgd and math.isinf(config.epsilon):
             spent = "inf"  # clipping without noise
         rows.append({**values, **summary["final"], "epsilon_spent": spent,
                      "rounds": summary["rounds"], "run": run_dir.name})

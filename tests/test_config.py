@@ -8,6 +8,7 @@ import pytest
 from fedrnn.shared.cli import build_parser, config_from_args, main
 from fedrnn.shared.config import FLAG_GROUPS, RunConfig, dump_toml, key_of
 from fedrnn.shared.errors import ConfigError
+from fedrnn.shared.mechanisms import NO_DP, RECORD_AND_USER_LEVEL, RECORD_LEVEL, USER_LEVEL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +17,18 @@ def test_flat_round_trip_and_toml_dump():
     config = RunConfig(rounds=3, epsilon=2.5, dp=False, labels="a,b")
     assert RunConfig.from_flat(config.to_flat()) == config
     assert RunConfig.from_flat(tomllib.loads(dump_toml(config))) == config
+
+
+@pytest.mark.parametrize("dp,level,mechanism", [
+    (True, "record", RECORD_LEVEL), (True, "user", USER_LEVEL),
+    (True, "both", RECORD_AND_USER_LEVEL),
+    (False, "record", NO_DP), (False, "user", NO_DP), (False, "both", NO_DP)])
+def test_dp_and_dp_level_resolve_to_one_mechanism(dp, level, mechanism):
+    config = RunConfig(dp=dp, dp_level=level)
+    assert config.mechanism is mechanism
+    assert config.record_level == mechanism.sites_run_dpsgd == (dp and level != "user")
+    assert config.user_level == mechanism.server_clips_and_noises == (dp and level != "record")
+    assert mechanism.describe() == (f"dp-level {level}" if dp else "no DP")
 
 
 def test_unknown_key_and_bad_values_are_config_errors():

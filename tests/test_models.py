@@ -3,9 +3,9 @@ import itertools
 import pytest
 import torch
 
-from fedrnn.shared import tasks
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.models import build_model
+from fedrnn.shared.tasks import auroc, get_task
 
 CASES = list(itertools.product(["gru", "lstm", "rnn"], ["classify", "lm", "forecast"]))
 
@@ -57,8 +57,10 @@ def test_padding_changes_nothing(cell, task):
         garbage[pad] = 1e3
     batch, noisy = (inputs, lengths, labels), (garbage, lengths, labels)
     with torch.no_grad():
-        assert torch.equal(tasks.loss(model, batch, task), tasks.loss(model, noisy, task))
-        assert tasks.evaluate(model, [batch], task) == tasks.evaluate(model, [noisy], task)
+        objective = get_task(task)
+        assert torch.equal(objective.loss(model, batch), objective.loss(model, noisy))
+        assert (objective.evaluate(model, [batch], config)
+                == objective.evaluate(model, [noisy], config))
         if task == "classify":
             assert torch.equal(model(inputs, lengths), model(garbage, lengths))
 
@@ -67,7 +69,8 @@ def test_empty_batch_has_zero_loss():
     config = _config("gru", "classify")
     model = build_model(config)
     inputs, lengths, labels = _batch(config)
-    assert tasks.loss(model, (inputs[:0], lengths[:0], labels[:0]), "classify").item() == 0.0
+    empty = (inputs[:0], lengths[:0], labels[:0])
+    assert get_task("classify").loss(model, empty).item() == 0.0
 
 
 def test_saved_weights_load_into_torch_layer():
@@ -87,5 +90,5 @@ def test_auroc_matches_pair_counting():
     labels = (torch.rand(40) > 0.6).long().numpy()
     pairs = [(s_p > s_n) + 0.5 * (s_p == s_n) for s_p, y_p in zip(scores, labels, strict=True)
              if y_p == 1 for s_n, y_n in zip(scores, labels, strict=True) if y_n == 0]
-    assert tasks.auroc(scores, labels) == pytest.approx(sum(pairs) / len(pairs))
-    assert tasks.auroc(scores, labels * 0) is None
+    assert auroc(scores, labels) == pytest.approx(sum(pairs) / len(pairs))
+    assert auroc(scores, labels * 0) is None

@@ -8,12 +8,12 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
 from fedrnn.client.training import CLIPPING, backward, train
-from fedrnn.shared import tasks
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.data import client_data, resolve
 from fedrnn.shared.models import build_model
 from fedrnn.shared.privacy import calibrate_noise, epsilon, sample_rate, steps_per_round
 from fedrnn.shared.randomness import SiteRandomness
+from fedrnn.shared.tasks import get_task
 
 
 @pytest.mark.parametrize("task,cell", [("classify", "gru"), ("lm", "lstm"),
@@ -33,7 +33,7 @@ def test_per_sample_gradients_are_exact_and_clipped(task, cell):
     norms = []
     for i in range(8):
         reference.zero_grad()
-        tasks.loss(reference, tuple(t[i: i + 1] for t in batch), task).backward()
+        get_task(task).loss(reference, tuple(t[i: i + 1] for t in batch)).backward()
         grads = [p.grad.clone() for p in reference.parameters()]
         norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
         norms.append(norm.item())
@@ -51,7 +51,7 @@ def test_per_sample_gradients_are_exact_and_clipped(task, cell):
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
             max_grad_norm=clip, poisson_sampling=False)
     private.train()
-    tasks.loss(private, batch, task).backward()
+    get_task(task).loss(private, batch).backward()
     per_sample = torch.sqrt(sum((p.grad_sample.flatten(1) ** 2).sum(1)
                                 for p in model.parameters()))
     assert per_sample.tolist() == pytest.approx(norms, rel=1e-4)
@@ -69,7 +69,7 @@ def test_per_sample_gradients_are_exact_and_clipped(task, cell):
             max_grad_norm=clip, poisson_sampling=False, grad_sample_mode=CLIPPING,
             criterion=torch.nn.MSELoss())
     private.train()
-    backward(private, optimizer, batch, task)
+    backward(private, optimizer, batch, get_task(task))
     assert private.per_sample_gradient_norms.tolist() == pytest.approx(norms, rel=1e-4)
     optimizer.pre_step()
     for p, expected in zip(model.parameters(), clipped_sum, strict=True):
@@ -90,7 +90,7 @@ def test_an_empty_poisson_batch_is_a_step_of_noise_alone():
             data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
             poisson_sampling=False, grad_sample_mode=CLIPPING, criterion=torch.nn.MSELoss())
     before = [p.detach().clone() for p in model.parameters()]
-    assert backward(private, optimizer, empty, config.task) is None
+    assert backward(private, optimizer, empty, get_task(config.task)) is None
     optimizer.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
 

@@ -29,7 +29,8 @@ from fedrnn.shared.data.partition import is_holdout_client, partition
 from fedrnn.shared.data.readers import read_file
 from fedrnn.shared.data.tensors import SequenceTensors, encode_series, encode_text, local_scaling
 from fedrnn.shared.data.tokenizers import make_tokenizer
-from fedrnn.shared.errors import ConfigError, DataError
+from fedrnn.shared.errors import DataError
+from fedrnn.shared.tasks import get_task
 
 log = logging.getLogger("fedrnn")
 
@@ -77,13 +78,7 @@ def resolve(config: RunConfig) -> RunConfig:
 def schema_from_flags(config: RunConfig) -> RunConfig:
     """The schema of a run on records nobody here holds: classes from ``labels``, numeric
     columns from ``features`` (none: text). Each site checks its own file against it."""
-    if config.task == "classify" and len(config.label_names) < 2:
-        raise ConfigError("a classify run on the sites' own records needs --labels with at "
-                          "least two classes, e.g. --labels died,survived")
-    if config.task == "forecast" and not config.feature_names:
-        raise ConfigError("a forecast run needs --features: the numeric columns to predict")
-    if config.task == "lm" and config.feature_names:
-        raise ConfigError("task lm is on text: drop --features")
+    get_task(config.task).check_flags(config)
     return config
 
 
@@ -95,41 +90,17 @@ def check_schema(corpus: Corpus, config: RunConfig, *, site: bool = False) -> Ru
     file's form is checked (its kind, its columns), never what its records hold: a refusal
     that depended on a record's label would answer a server's question about it for free.
     """
-    source = corpus.source
-    if config.task == "lm" and corpus.kind != "text":
-        raise DataError(source, "task lm needs text records (a 'text' column); this file holds "
-                                "numeric sequences: use --task classify or forecast")
-    if config.task == "forecast" and corpus.kind != "series":
-        raise DataError(source, "task forecast needs numeric sequences; this file holds text: "
-                                "use --task lm or classify")
-    changes: dict[str, str] = {}
-    if config.task == "classify":
-        if corpus.labels is None:
-            raise DataError(source, "task classify needs a 'label' for every record")
-        if site:
-            return config
-        found = corpus.label_set
-        if len(found) < 2:
-            raise DataError(source, f"task classify needs at least two classes; found "
-                                    f"{found or 'none'}")
-        if not config.labels:
-            changes["labels"] = ",".join(found)
-        else:
-            _check_subset(source, "label", found, config.label_names)
+    task = get_task(config.task)
+    changes = task.check_corpus(corpus, config, site=site)
+    if site and task.uses_labels:
+        return config
     if corpus.kind == "series":
         if not config.features:
             changes["features"] = ",".join(corpus.feature_names)
         elif tuple(config.feature_names) != corpus.feature_names:
-            raise DataError(source, f"feature columns {', '.join(corpus.feature_names)} differ "
-                                    f"from the run's features {config.features}")
+            raise DataError(corpus.source, f"feature columns {', '.join(corpus.feature_names)} "
+                                           f"differ from the run's features {config.features}")
     return config.replace(**changes) if changes else config
-
-
-def _check_subset(source: str, what: str, found: list[str], allowed: list[str]) -> None:
-    unknown = [v for v in found if v not in allowed]
-    if unknown:
-        raise DataError(source, f"{what}(s) {', '.join(unknown)} are not among the run's "
-                                f"{what}s {', '.join(allowed)}")
 
 
 def site_data(config: RunConfig, path: str | Path, *, name: str = "", secret: bytes,
@@ -162,7 +133,7 @@ def _site_data_cached(config: RunConfig, path: str, _mtime: int, name: str, secr
     every = np.arange(len(corpus), dtype=np.int64)
     keys = _keys_cached(path, _mtime)
     evaluating = held_out(keys, secret=secret, eval_fraction=eval_fraction)
-    if config.task == "classify":
+    if get_task(config.task).uses_labels:
         # records of classes the run does not have take no part (and decline nothing)
         known = np.isin(corpus.labels.astype(str), config.label_names)
         if not known.all():
@@ -262,7 +233,7 @@ def encode_split(corpus: Corpus, config: RunConfig, train_idx: np.ndarray,
     label_index = {name: i for i, name in enumerate(config.label_names)}
 
     def labels_of(idx: np.ndarray) -> torch.Tensor:
-        if config.task != "classify":
+        if not get_task(config.task).uses_labels:
             return torch.full((len(idx),), -1, dtype=torch.long)
         unknown = sorted({corpus.labels[i] for i in idx} - set(label_index))
         if unknown:

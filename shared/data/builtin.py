@@ -21,6 +21,7 @@ from fedrnn.shared.config import RunConfig
 from fedrnn.shared.data.corpus import Corpus
 from fedrnn.shared.data.readers import series_corpus_from_frame
 from fedrnn.shared.errors import ConfigError
+from fedrnn.shared.tasks import get_task
 
 WINDOW_DAYS = 730
 
@@ -86,39 +87,62 @@ SYNTHETIC_WORDS = ("the", "patient", "was", "seen", "today", "and", "reports", "
 
 
 def load_synthetic(config: RunConfig) -> Corpus:
-    """Small learnable data: 30 records per client (at least 60)."""
+    """Small learnable data for the run's task (its ``synthetic`` kind): 30 records per
+    client (at least 60)."""
     rng = np.random.default_rng(config.seed + 7919)
     n = max(60, 30 * config.clients)
-    if config.task == "lm":
-        texts = []
-        for _ in range(n):
-            start = int(rng.integers(0, len(SYNTHETIC_WORDS)))
-            length = int(rng.integers(3, 8))
-            texts.append(" ".join(SYNTHETIC_WORDS[(start + i) % len(SYNTHETIC_WORDS)]
-                                  for i in range(length)))
-        labels = np.array(["long" if len(t) > 30 else "short" for t in texts], dtype=object)
-        return Corpus(kind="text", source="synthetic", texts=texts, labels=labels)
+    return SYNTHETIC[get_task(config.task).synthetic](rng, n)
+
+
+def _synthetic_text(rng: np.random.Generator, n: int) -> Corpus:
+    """Runs of a fixed word cycle, labelled by length."""
+    texts = []
+    for _ in range(n):
+        start = int(rng.integers(0, len(SYNTHETIC_WORDS)))
+        length = int(rng.integers(3, 8))
+        texts.append(" ".join(SYNTHETIC_WORDS[(start + i) % len(SYNTHETIC_WORDS)]
+                              for i in range(length)))
+    labels = np.array(["long" if len(t) > 30 else "short" for t in texts], dtype=object)
+    return Corpus(kind="text", source="synthetic", texts=texts, labels=labels)
+
+
+def _sine(rng: np.random.Generator, t: np.ndarray) -> tuple[np.ndarray, str]:
+    phase, freq = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.8)
+    x = np.stack([np.sin(freq * t + phase), np.cos(freq * t + phase)], axis=1)
+    return x + rng.normal(0, 0.05, size=x.shape), "none"
+
+
+def _shifted_noise(rng: np.random.Generator, t: np.ndarray) -> tuple[np.ndarray, str]:
+    positive = rng.random() < 0.5
+    x = rng.normal(0, 1, size=(len(t), 3))
+    x[:, 0] += 0.8 if positive else -0.8
+    return x, "pos" if positive else "neg"
+
+
+def _synthetic_series(rng: np.random.Generator, n: int, names: tuple[str, ...],
+                      draw: Callable[[np.random.Generator, np.ndarray], tuple[np.ndarray, str]],
+                      ) -> Corpus:
+    """``n`` irregularly timed series of ``draw``'s values, 10% of them missing."""
     values, times, labels = [], [], []
     for _ in range(n):
         length = int(rng.integers(3, 13))
         t = np.cumsum(rng.uniform(0.5, 1.5, size=length))
-        if config.task == "forecast":
-            phase, freq = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.8)
-            x = np.stack([np.sin(freq * t + phase), np.cos(freq * t + phase)], axis=1)
-            x += rng.normal(0, 0.05, size=x.shape)
-            labels.append("none")
-        else:
-            positive = rng.random() < 0.5
-            x = rng.normal(0, 1, size=(length, 3))
-            x[:, 0] += 0.8 if positive else -0.8
-            labels.append("pos" if positive else "neg")
+        x, label = draw(rng, t)
         x[rng.random(x.shape) < 0.1] = np.nan  # missing values are part of the format
         values.append(x)
         times.append(t)
-    names = ("sin", "cos") if config.task == "forecast" else ("x0", "x1", "x2")
+        labels.append(label)
     return Corpus(kind="series", source="synthetic", values=values, times=times,
                   feature_names=names, scaling={k: (0.0, 1.0) for k in names},
                   labels=np.array(labels, dtype=object))
+
+
+# A task's ``synthetic`` names one of these.
+SYNTHETIC: dict[str, Callable[[np.random.Generator, int], Corpus]] = {
+    "text": _synthetic_text,
+    "sines": lambda rng, n: _synthetic_series(rng, n, ("sin", "cos"), _sine),
+    "classes": lambda rng, n: _synthetic_series(rng, n, ("x0", "x1", "x2"), _shifted_noise),
+}
 
 
 BUILTIN: dict[str, Callable[[RunConfig], Corpus]] = {
