@@ -124,8 +124,9 @@ class RunConfig:
     budget_epsilon: float = _opt(0.0, "each site's total epsilon budget across runs "
                                  "(0 = the epsilon target)")
     budget_delta: float = _opt(0.0, "each site's delta budget (0 = delta)")
-    ledger_dir: str = _opt("", "directory of the sites' privacy ledgers, one SQLite file per "
-                           "site (default <out>/ledgers); reuse it to carry budgets across runs")
+    ledger_dir: str = _opt("", "directory of the simulated sites' privacy ledger (sites.sqlite, "
+                           "per-record accounts of every site; default <out>/ledgers); reuse it "
+                           "to carry budgets across runs")
     # --- run --------------------------------------------------------------------------------
     round_timeout: float = _opt(0.0, "seconds a round waits for the sampled sites' replies; "
                                 "sites that miss it are dropped from the round (0: no limit)")
