@@ -155,6 +155,24 @@ def test_split_writes_files_a_site_reads_back(tmp_path):
     assert len(data.train) + len(data.eval) == 30
 
 
+def test_a_classify_site_whose_columns_differ_from_the_runs_is_refused(tmp_path):
+    """Column i is the run's feature i: a site with other or reordered columns would train
+    the shared model on the wrong inputs, silently."""
+    from fedrnn.shared.errors import DataError
+
+    run = RunConfig(dataset="", task="classify", labels="neg,pos", features="x0,x1")
+    rows = [f"p{i},{t},{i + t},{i - t},{'pos' if i % 2 else 'neg'}"
+            for i in range(6) for t in range(2)]
+    for header in ("sequence_id,time,x1,x0,label", "sequence_id,time,x0,hr,label"):
+        path = tmp_path / "site.csv"
+        path.write_text(header + "\n" + "\n".join(rows) + "\n")
+        with pytest.raises(DataError, match="differ from the run's features x0,x1"):
+            site_data(run, path, secret=b"k" * 32, eval_fraction=0.2)
+    path.write_text("sequence_id,time,x0,x1,label\n" + "\n".join(rows) + "\n")
+    data = site_data(run, path, secret=b"k" * 32, eval_fraction=0.2)
+    assert len(data.train) + len(data.eval) == 6
+
+
 def test_client_with_a_bad_data_file_stops_before_connecting(tmp_path, capsys):
     bad = tmp_path / "records.csv"
     bad.write_text("sequence_id,time,hr\np1,0,abc\n")

@@ -92,8 +92,8 @@ def check_schema(corpus: Corpus, config: RunConfig, *, site: bool = False) -> Ru
     """
     task = get_task(config.task)
     changes = task.check_corpus(corpus, config, site=site)
-    if site and task.uses_labels:
-        return config
+    # a site's numeric columns must be the run's, by name and in order, whatever the task:
+    # the model reads column i as the run's feature i
     if corpus.kind == "series":
         if not config.features:
             changes["features"] = ",".join(corpus.feature_names)
