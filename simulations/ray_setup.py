@@ -62,10 +62,11 @@ def start_ray(*, verbose: bool) -> None:
     paths = [p for p in sys.path if p]
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     # Ray reads its settings from RAY_<name> in the environment of the processes it starts;
-    # scoped to this call so that nothing else this process starts later inherits it.
-    with _environ(RAY_preload_python_modules=WORKER_PRELOAD, **FAST_CONNECT), \
+    # scoped to this call (Ray's processes start within it) so that nothing else this
+    # process starts later inherits them, nor this process's sys.path as PYTHONPATH.
+    with _environ(RAY_preload_python_modules=WORKER_PRELOAD,
+                  PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)), **FAST_CONNECT), \
             _head_processes(monitor=False, log_monitor=verbose):
         # address "local": a fresh instance, even if `ray start` left a cluster here
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,

@@ -2,13 +2,16 @@
 client/, shared/ and simulations/ are ``fedrnn.server`` ... and nothing else."""
 
 import json
+import os
 import subprocess
 import sys
 
 
 def _python(code: str, cwd) -> subprocess.CompletedProcess:
+    """``code`` as a user's fresh shell in ``cwd`` runs it (no PYTHONPATH)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True,
-                          text=True)
+                          text=True, env=env)
 
 
 def test_no_generic_top_level_names_are_installed(tmp_path):

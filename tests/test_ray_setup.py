@@ -94,7 +94,10 @@ def test_the_driver_does_not_import_opacus():
 def test_no_monitors_and_stopping_leaves_no_ray_process_behind():
     # (stop_ray(for_exit=True), which the process must follow by exiting, is checked by
     # running the program: test_simulation.py)
+    pythonpath = os.environ.get("PYTHONPATH")
     start_ray(verbose=False)
+    # this process's sys.path reaches Ray's processes, and nothing this process starts later
+    assert os.environ.get("PYTHONPATH") == pythonpath
     node = ray._private.worker._global_node
     # the autoscaler's monitor and the log monitor (nobody reads the workers' output
     # without --verbose) are never started
@@ -106,6 +109,7 @@ def test_no_monitors_and_stopping_leaves_no_ray_process_behind():
     environ = Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0")
     assert {f"{k}={v}".encode() for k, v in FAST_CONNECT.items()} <= set(environ)
     assert not set(FAST_CONNECT) & set(os.environ)
+    assert any(entry.startswith(b"PYTHONPATH=") for entry in environ)
     pids = {info.process.pid for infos in node.all_processes.values() for info in infos}
 
     def pid() -> int:
