@@ -141,24 +141,25 @@ def _end_process(code: int) -> NoReturn:
 
 
 def _print_run_summary(out: Path) -> None:
-    summary = json.loads((out / "summary.json").read_text())
-    final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items()
-                      if isinstance(v, (int, float)))
-    privacy = summary["privacy"]
+    from fedrnn.shared.run_records import read_summary
+
+    summary = read_summary(out)
+    final = ", ".join(f"{k} {v:.4f}" for k, v in summary.final.items() if math.isfinite(v))
+    privacy = summary.privacy
     lines = [f"final: {final}"]
-    if privacy["level"] == "none":
+    if privacy.level == "none":
         lines.append("privacy: none (--no-dp)")
-    if privacy["level"] in ("record", "both") and privacy["epsilon_max"] is None:
+    if privacy.level in ("record", "both") and privacy.epsilon_max is None:
         lines.append("privacy: no site trained in this run, so none spent any budget")
-    elif privacy["level"] in ("record", "both"):
-        lines.append(f"privacy: record-level epsilon {privacy['epsilon_max']:.3f} (max over "
-                     f"sites, all runs on their ledgers) at delta {privacy['delta']:g}; "
-                     f"budget {privacy['budget_epsilon']:g}")
-    if privacy["user_level"]:
-        lines.append(f"privacy: user-level epsilon {privacy['user_level']['epsilon']:.3f} at "
-                     f"delta {privacy['user_level']['delta']:g}")
-    if privacy.get("sites_out_of_budget"):
-        lines.append(f"budgets: {privacy['sites_out_of_budget']} site(s) ran out of privacy "
+    elif privacy.level in ("record", "both"):
+        lines.append(f"privacy: record-level epsilon {privacy.epsilon_max:.3f} (max over "
+                     f"sites, all runs on their ledgers) at delta {privacy.delta:g}; "
+                     f"budget {privacy.budget_epsilon:g}")
+    if privacy.user_level:
+        lines.append(f"privacy: user-level epsilon {privacy.user_level.epsilon:.3f} at "
+                     f"delta {privacy.user_level.delta:g}")
+    if privacy.sites_out_of_budget:
+        lines.append(f"budgets: {privacy.sites_out_of_budget} site(s) ran out of privacy "
                      f"budget and declined to train; see `fedrnn audit {out}`")
     lines.append(f"run directory: {out} (metrics.jsonl, summary.json, model.pt, metrics.png)")
     print("\n".join(lines))
