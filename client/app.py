@@ -34,12 +34,12 @@ from fedrnn.client.attacks import attack_mod
 from fedrnn.client.faults import fault_mod
 from fedrnn.client.ledger import Ledger
 from fedrnn.client.policy import Declined, SitePolicy, check_proposal
-from fedrnn.client.site import SIMULATION_LEDGER, Site, evaluate_round, train_round
+from fedrnn.client.site import Site, evaluate_round, simulated_site, train_round
 from fedrnn.client.slots import partition_id
 from fedrnn.client.spending import BudgetExhausted
 from fedrnn.shared import protocol as P
 from fedrnn.shared.config import RunConfig
-from fedrnn.shared.data import client_data, site_data
+from fedrnn.shared.data import site_data
 from fedrnn.shared.errors import ConfigError, DataError
 from fedrnn.shared.models import SequenceModel, build_model
 from fedrnn.shared.randomness import SiteRandomness
@@ -119,11 +119,7 @@ def _deployed_site(msg: Message, context: Context) -> tuple[Site, RunConfig, int
 
 def _simulated_site(msg: Message, context: Context) -> tuple[Site, RunConfig, int]:
     config, server_round = _run_config(msg)
-    partition = partition_id(msg, context)
-    data = client_data(config, partition)
-    return (Site(name=data.name, data=data, ledger=config.ledger_root / SIMULATION_LEDGER,
-                 randomness=SiteRandomness.from_seed(config.seed, partition, server_round)),
-            config, server_round)
+    return simulated_site(config, partition_id(msg, context), server_round), config, server_round
 
 
 def _run_config(msg: Message) -> tuple[RunConfig, int]:

@@ -11,7 +11,6 @@ listed with who made it (``site``: lowered by its policy; ``set-budget``: by han
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from fedrnn.client.ledger import Ledger
 from fedrnn.shared.errors import FedrnnError
 from fedrnn.shared.privacy import History, epsilon
+from fedrnn.shared.run_records import SUMMARY_FILE, UserLevelSummary, read_summary
 
 PRV_EPS_ERROR = 0.01  # Opacus's default accuracy of the PRV accountant
 
@@ -69,11 +69,12 @@ class SiteSpend:
 class Audit:
     source: Path
     sites: list[SiteSpend]
-    user_level: dict[str, Any] | None
+    user_level: UserLevelSummary | None
     run_config: str | None  # config.toml text of a run directory
 
     def to_json(self) -> dict[str, Any]:
-        return {"clients": [s.to_json() for s in self.sites], "user_level": self.user_level}
+        return {"clients": [s.to_json() for s in self.sites], "user_level":
+                None if self.user_level is None else self.user_level.to_json()}
 
 
 def audit(path: str | Path) -> Audit:
@@ -85,15 +86,14 @@ def audit(path: str | Path) -> Audit:
     user_level, run_config = None, None
     if path.is_file():
         ledgers = [path]
-    elif (path / "summary.json").exists() or (path / "config.toml").exists():
+    elif (path / SUMMARY_FILE).exists() or (path / "config.toml").exists():
         run_config = (path / "config.toml").read_text() if (path / "config.toml").exists() \
             else None
-        summary = json.loads((path / "summary.json").read_text()) \
-            if (path / "summary.json").exists() else {}
-        privacy = summary.get("privacy", {})
-        user_level = privacy.get("user_level")
+        privacy = read_summary(path).privacy if (path / SUMMARY_FILE).exists() else None
+        user_level = privacy.user_level if privacy is not None else None
         # the run's own record of where its ledgers are; else the default beside it
-        ledger_dir = Path(privacy.get("ledger_dir") or path / "ledgers")
+        recorded = privacy.ledger_dir if privacy is not None else None
+        ledger_dir = Path(recorded) if recorded else path / "ledgers"
         ledgers = sorted(ledger_dir.glob("*.sqlite"))
     else:
         ledgers = sorted(path.glob("*.sqlite"))
@@ -167,7 +167,7 @@ def table(result: Audit) -> str:
         lines.append(f"budget epsilon {eps:g}, delta {delta:g} from {at}: {who}")
     if result.user_level:
         u = result.user_level
-        lines.append(f"\nuser-level (whole-site) DP: epsilon {u['epsilon']:.3f} at delta "
-                     f"{u['delta']:g} over {len(u['history'])} releases (noise multiplier "
-                     f"{u['noise_multiplier']:g}, clip {u['clip_norm']:g}, {u['accountant']})")
+        lines.append(f"\nuser-level (whole-site) DP: epsilon {u.epsilon:.3f} at delta "
+                     f"{u.delta:g} over {len(u.history)} releases (noise multiplier "
+                     f"{u.noise_multiplier:g}, clip {u.clip_norm:g}, {u.accountant})")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from fedrnn.client.policy import Declined, SitePolicy
 from fedrnn.client.spending import Planner, charge, noise_for
 from fedrnn.shared import protocol as P
 from fedrnn.shared.config import RunConfig
-from fedrnn.shared.data import ClientData
+from fedrnn.shared.data import ClientData, client_data
 from fedrnn.shared.models import SequenceModel
 from fedrnn.shared.privacy import sample_rate, steps_per_round
 from fedrnn.shared.randomness import SiteRandomness
@@ -59,6 +59,15 @@ class Site:
             return self.policy.budget
         epsilon, delta = config.site_budget
         return Budget(epsilon, delta, config.accountant)
+
+
+def simulated_site(config: RunConfig, partition: int, server_round: int) -> Site:
+    """The simulated site serving ``partition`` in ``server_round``: the partition's
+    records, the run's one ledger for every simulated site, and randomness keyed from the
+    run's seed, the partition and the round (the same draws on every worker)."""
+    data = client_data(config, partition)
+    return Site(name=data.name, data=data, ledger=config.ledger_root / SIMULATION_LEDGER,
+                randomness=SiteRandomness.from_seed(config.seed, partition, server_round))
 
 
 def train_round(site: Site, config: RunConfig, server_round: int,

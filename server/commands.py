@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 from pathlib import Path
 
 from fedrnn.shared.cli import Command, absolute, add_config_flags, config_from_args
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.errors import ConfigError
+from fedrnn.shared.run_records import read_summary
 
 EPILOG_SERVER = """examples:
   fedrnn certs certs --host fedrnn.example.org --clients 3
@@ -27,24 +28,23 @@ SERVER_GROUPS = ("data", "model", "federation", "privacy", "run")
 
 def summary_lines(out: Path) -> list[str]:
     """What a finished run prints: its final metrics, the privacy spent, where it went."""
-    summary = json.loads((out / "summary.json").read_text())
-    final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items()
-                      if isinstance(v, (int, float)))
-    privacy = summary["privacy"]
+    summary = read_summary(out)
+    final = ", ".join(f"{k} {v:.4f}" for k, v in summary.final.items() if math.isfinite(v))
+    privacy = summary.privacy
     lines = [f"final: {final}"]
-    if privacy["level"] == "none":
+    if privacy.level == "none":
         lines.append("privacy: none (--no-dp)")
-    if privacy["level"] in ("record", "both") and privacy["epsilon_max"] is None:
+    if privacy.level in ("record", "both") and privacy.epsilon_max is None:
         lines.append("privacy: no site trained in this run, so none spent any budget")
-    elif privacy["level"] in ("record", "both"):
-        lines.append(f"privacy: record-level epsilon {privacy['epsilon_max']:.3f} (max over "
-                     f"sites, all runs on their ledgers) at delta {privacy['delta']:g}; "
-                     f"budget {privacy['budget_epsilon']:g}")
-    if privacy["user_level"]:
-        lines.append(f"privacy: user-level epsilon {privacy['user_level']['epsilon']:.3f} at "
-                     f"delta {privacy['user_level']['delta']:g}")
-    if privacy.get("sites_out_of_budget"):
-        lines.append(f"budgets: {privacy['sites_out_of_budget']} site(s) ran out of privacy "
+    elif privacy.level in ("record", "both"):
+        lines.append(f"privacy: record-level epsilon {privacy.epsilon_max:.3f} (max over "
+                     f"sites, all runs on their ledgers) at delta {privacy.delta:g}; "
+                     f"budget {privacy.budget_epsilon:g}")
+    if privacy.user_level:
+        lines.append(f"privacy: user-level epsilon {privacy.user_level.epsilon:.3f} at "
+                     f"delta {privacy.user_level.delta:g}")
+    if privacy.sites_out_of_budget:
+        lines.append(f"budgets: {privacy.sites_out_of_budget} site(s) ran out of privacy "
                      f"budget and declined to train; see `fedrnn audit {out}`")
     lines.append(f"run directory: {out} (metrics.jsonl, summary.json, model.pt, metrics.png)")
     return lines

@@ -31,6 +31,7 @@ from pathlib import Path
 from fedrnn.shared.config import RunConfig, dump_toml
 from fedrnn.shared.errors import ConfigError, FedrnnError
 from fedrnn.shared.processes import die_with_parent, stop
+from fedrnn.shared.run_records import METRICS_FILE, SUMMARY_FILE
 
 log = logging.getLogger("fedrnn")
 
@@ -111,11 +112,11 @@ def prepare_out(config: RunConfig) -> tuple[RunConfig, bool]:
 
     out = Path(config.out).expanduser().resolve()
     config = config.replace(out=str(out))
-    if (out / "summary.json").exists():
+    if (out / SUMMARY_FILE).exists():
         raise ConfigError(f"{out} holds a finished run; choose another --out")
     saved = out / "config.toml"
     if not (out / CHECKPOINT).exists():
-        if (out / "metrics.jsonl").exists():
+        if (out / METRICS_FILE).exists():
             log.warning("%s holds a run that never completed a round: starting afresh", out)
         if not config.run_id:  # fixed now, so that a resumed run charges under the same name
             config = config.replace(run_id=f"{out.name}-{uuid.uuid4().hex[:8]}")
@@ -180,7 +181,7 @@ def run_server(config: RunConfig, options: ServerOptions) -> Path:
         status = _follow(control, run_id, link)
     finally:
         stop(link)
-    if not (out / "summary.json").exists():
+    if not (out / SUMMARY_FILE).exists():
         raise FedrnnError(f"the run ended without finishing ({status}); its checkpoint is in "
                           f"{out}: start `fedrnn server` again with the same --out to resume")
     return out

@@ -15,23 +15,21 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from fedrnn.shared.config import RunConfig, dump_toml
 from fedrnn.shared.files import write_atomic
 from fedrnn.shared.plots import png_bytes, pyplot
+from fedrnn.shared.run_records import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    PrivacySummary,
+    RoundRow,
+    RunSummary,
+    read_rows,
+)
 from fedrnn.shared.tasks import METRICS
-
-
-def _json_value(value: Any) -> Any:
-    """JSON has no NaN/Infinity: undefined metrics become null, an infinite epsilon "inf"."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return value
 
 
 class RunRecord:
@@ -43,45 +41,43 @@ class RunRecord:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[RoundRow] = []
         if resume_after:
-            with (self.dir / "metrics.jsonl").open() as fh:
-                rows = [json.loads(line) for line in fh if line.strip()]
-            self.rows = [r for r in rows if r["round"] <= resume_after]
+            self.rows = [r for r in read_rows(self.dir) if r.round <= resume_after]
         else:
             write_atomic(self.dir / "config.toml", dump_toml(config).encode())
-        write_atomic(self.dir / "metrics.jsonl",
-                     "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+        write_atomic(self.dir / METRICS_FILE, "".join(r.to_line() for r in self.rows).encode())
 
-    def add_round(self, row: dict[str, Any]) -> None:
-        row = {k: _json_value(v) for k, v in row.items()}
+    def add_round(self, row: RoundRow) -> None:
         self.rows.append(row)
-        with (self.dir / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        with (self.dir / METRICS_FILE).open("a") as fh:
+            fh.write(row.to_line())
 
-    def finish(self, state_dict: dict[str, torch.Tensor], privacy: dict[str, Any]) -> None:
+    def finish(self, state_dict: dict[str, torch.Tensor], privacy: PrivacySummary) -> None:
         buffer = io.BytesIO()
         torch.save(state_dict, buffer)
         write_atomic(self.dir / "model.pt", buffer.getvalue())
-        final = {k: v for k, v in (self.rows[-1] if self.rows else {}).items()
+        final = {k: v for k, v in (self.rows[-1].metrics if self.rows else {}).items()
                  if k in METRICS[self.config.task]}
-        summary = {"final": final, "rounds": len(self.rows),
-                   "clients_total": self.config.clients,
-                   "privacy": {k: _json_value(v) for k, v in privacy.items()}}
-        write_atomic(self.dir / "summary.json", json.dumps(summary, indent=2).encode())
+        summary = RunSummary(final=final, rounds=len(self.rows),
+                             clients_total=self.config.clients, privacy=privacy)
+        write_atomic(self.dir / SUMMARY_FILE, json.dumps(summary.to_json(), indent=2).encode())
         self.plot()
 
     def plot(self) -> Path:
         plt = pyplot()
 
-        names = [m for m in METRICS[self.config.task] if any(r.get(m) is not None
-                                                             for r in self.rows)]
+        def value(row: RoundRow, name: str) -> float:
+            y = row.epsilon_max if name == "epsilon_max" else row.metrics.get(name, math.nan)
+            return y if math.isfinite(y) else math.nan  # undefined or unbounded: no point
+
+        names = [m for m in METRICS[self.config.task]
+                 if any(not math.isnan(r.metrics.get(m, math.nan)) for r in self.rows)]
         panels = [*names, "epsilon_max"]
         fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
-        rounds = [r["round"] for r in self.rows]
+        rounds = [r.round for r in self.rows]
         for ax, name in zip(axes[0], panels, strict=True):
-            ys = [r.get(name) for r in self.rows]
-            ys = [math.nan if not isinstance(y, (int, float)) else y for y in ys]
+            ys = [value(r, name) for r in self.rows]
             ax.plot(rounds, ys, marker="o", markersize=3)
             ax.set_title(name if name != "epsilon_max" else "epsilon (max over sites)")
             ax.set_xlabel("round")

@@ -20,6 +20,7 @@ import ray
 # data reading, which run beside it in a thread.
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.errors import ConfigError, FedrnnError
+from fedrnn.shared.run_records import METRICS_FILE, SUMMARY_FILE
 from fedrnn.simulations.ray_setup import CPUS_PER_CLIENT, start_ray
 
 log = logging.getLogger("fedrnn")
@@ -52,7 +53,7 @@ def prepare(config: RunConfig) -> RunConfig:
         raise ConfigError(str(exc)) from None
     client_data(config, 0)  # fail here, not later inside a Ray worker
     out = Path(config.out or default_out_dir())
-    if (out / "metrics.jsonl").exists():
+    if (out / METRICS_FILE).exists():
         raise ConfigError(f"{out} already holds a run; choose another --out or remove it")
     return config.replace(out=str(out))
 
@@ -134,7 +135,7 @@ def simulate(config: RunConfig, *, verbose: bool = False,
         if failure:
             raise failure[0]
     out = Path(config.out)
-    if not (out / "summary.json").exists():
+    if not (out / SUMMARY_FILE).exists():
         raise ConfigError(f"the simulation ended without finishing the run in {out}; "
                           "rerun with --verbose to see Flower's and Ray's logs")
     return out

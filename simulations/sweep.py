@@ -26,6 +26,7 @@ from fedrnn.shared.config import RunConfig
 from fedrnn.shared.errors import ConfigError
 from fedrnn.shared.files import write_atomic
 from fedrnn.shared.plots import png_bytes, pyplot
+from fedrnn.shared.run_records import json_value, read_summary
 from fedrnn.shared.tasks import METRICS
 
 log = logging.getLogger("fedrnn")
@@ -77,12 +78,14 @@ def run_sweep(base: RunConfig, specs: list[str], *, verbose: bool = False) -> Pa
     for i, (values, config) in enumerate(todo, 1):
         log.info("sweep %d/%d: %s", i, len(todo), ", ".join(f"{k} {v}" for k, v in values.items()))
         run_dir = simulate(config, verbose=verbose)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        spent = summary["privacy"].get("epsilon_max")
+        summary = read_summary(run_dir)
+        spent = summary.privacy.epsilon_max
         if spent is None and config.mechanism.sites_run_dpsgd and math.isinf(config.epsilon):
-            spent = "inf"  # clipping without noise
-        rows.append({**values, **summary["final"], "epsilon_spent": spent,
-                     "rounds": summary["rounds"], "run": run_dir.name})
+            spent = math.inf  # clipping without noise
+        # the table holds the values as summary.json does: undefined null, unbounded "inf"
+        rows.append({**values, **{k: json_value(v) for k, v in summary.final.items()},
+                     "epsilon_spent": json_value(spent), "rounds": summary.rounds,
+                     "run": run_dir.name})
     write_table(out, rows, [k for k, _ in sweeps], task=base.task)
     return out
 

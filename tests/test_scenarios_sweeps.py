@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from fedrnn.shared.cli import build_parser, main
 from fedrnn.shared.config import RunConfig
@@ -98,3 +99,29 @@ def test_bench_simulation_alternates_and_reports_the_median_pair(monkeypatch):
     assert order == ["plain", "simulation"] * 4
     assert result["ratios"] == [1.5, 1.2, 1.1, 1.3]
     assert result["overhead_ratio"] == 1.2 and result["simulation_s"] == 12.0
+
+
+def test_the_plain_runs_fedavg_is_flowers():
+    # the plain process averages without Flower; it must compute what Flower's FedAvg does
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from fedrnn.shared import protocol as P
+    from fedrnn.simulations.bench_simulation import fedavg
+
+    generator = torch.Generator().manual_seed(0)
+    updates = [(n, {"w": torch.randn(4, 3, generator=generator),
+                    "b": torch.randn(3, generator=generator)}) for n in (10.0, 30.0, 5.0)]
+    flower = aggregate_arrayrecords(
+        [RecordDict({P.ARRAYS: ArrayRecord(s), P.METRICS: MetricRecord({P.NUM_EXAMPLES: n})})
+         for n, s in updates], P.NUM_EXAMPLES).to_torch_state_dict()
+    plain = fedavg(updates)
+    assert plain.keys() == flower.keys()
+    for name in plain:
+        torch.testing.assert_close(plain[name], flower[name])
+
+
+@pytest.mark.parametrize("workload", [{"strategy": "fedadam"}, {"dp-level": "both"}])
+def test_bench_simulation_refuses_what_the_plain_run_cannot_reproduce(workload):
+    with pytest.raises(ValueError, match="reproduces FedAvg"):
+        bench_simulation(workload, repeats=1, progress=lambda _m: None)

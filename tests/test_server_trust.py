@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
-from fedrnn.server.federation import _Phase, _receive
+from fedrnn.server.messaging import Phase, receive
 from fedrnn.server.strategy import build_strategy
 from fedrnn.server.validation import Shape, check_evaluate_reply, check_train_reply
 from fedrnn.shared import protocol as P
@@ -82,22 +82,22 @@ def _phase(nodes):
     messages = [Message(content=RecordDict(), metadata=Metadata(
         run_id=1, message_id=f"m{n}", src_node_id=0, dst_node_id=n, reply_to_message_id="",
         group_id="", created_at=time.time(), ttl=60.0, message_type="train")) for n in nodes]
-    return _Phase("train", messages, {f"m{n}" for n in nodes}, {n: n - 1 for n in nodes},
-                  None, None, len(nodes))
+    return Phase("train", messages, {f"m{n}" for n in nodes}, {n: n - 1 for n in nodes},
+                 None, None, len(nodes))
 
 
 def test_a_round_aggregates_the_valid_replies_and_counts_the_rest():
     hostile = [reply(HOSTILE["nan"][0], node=2), reply(HOSTILE["broadcast"][0], node=3)]
-    ok, declined, lost = _receive(_Grid([reply(GLOBAL, node=1), *hostile]), _phase([1, 2, 3]),
-                                  lambda m: check_train_reply(m, SHAPE))
+    ok, declined, lost = receive(_Grid([reply(GLOBAL, node=1), *hostile]), _phase([1, 2, 3]),
+                                 lambda m: check_train_reply(m, SHAPE))
     assert [m.metadata.src_node_id for m in ok] == [1] and declined == []
     assert sorted(lost["rejected"]) == [2, 3]
 
 
 def test_a_round_with_no_valid_reply_ends_with_one_line():
     with pytest.raises(FedrnnError, match="no site sent a valid train reply"):
-        _receive(_Grid([reply(HOSTILE["nan"][0], node=1)]), _phase([1]),
-                 lambda m: check_train_reply(m, SHAPE))
+        receive(_Grid([reply(HOSTILE["nan"][0], node=1)]), _phase([1]),
+                lambda m: check_train_reply(m, SHAPE))
 
 
 def _user_level(deployed: bool):
@@ -136,7 +136,7 @@ def test_the_user_level_sampling_rate_counts_the_sites_the_draw_saw(monkeypatch)
     # 5 and samples all of them, so the rate is 5/5, not 5/10 (which under-counts epsilon)
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedrnn.server.federation import _push
+    from fedrnn.server.messaging import push
     from fedrnn.server.strategy import user_level_release
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
@@ -152,9 +152,9 @@ def test_the_user_level_sampling_rate_counts_the_sites_the_draw_saw(monkeypatch)
 
     config = RunConfig(dp_level="user", clients=10, clients_per_round=5)
     strategy = build_strategy(config, available=10, server_draws=False)
-    phase = _push(Connected(), strategy, None, config.to_flat(), 1, "train",
-                  ArrayRecord({k: Array(np.asarray(v)) for k, v in GLOBAL.items()}),
-                  timeout=None)
+    phase = push(Connected(), strategy, None, config.to_flat(), 1, "train",
+                 ArrayRecord({k: Array(np.asarray(v)) for k, v in GLOBAL.items()}),
+                 timeout=None)
     assert len(phase.messages) == 5 and phase.available == 5
     assert user_level_release(config, received=5, sampled=5,
                               available=phase.available)[1] == 1.0
