@@ -34,7 +34,12 @@ def summary_lines(out: Path) -> list[str]:
     lines = [f"final: {final}"]
     if privacy.level == "none":
         lines.append("privacy: none (--no-dp)")
-    if privacy.level in ("record", "both") and privacy.epsilon_max is None:
+    unbounded = (privacy.epsilon_target is not None and math.isinf(privacy.epsilon_target)
+                 and not privacy.noise_multiplier)
+    if privacy.level in ("record", "both") and unbounded:
+        lines.append("privacy: none: updates clipped but not noised (--epsilon inf), so "
+                     "epsilon is unbounded")
+    elif privacy.level in ("record", "both") and privacy.epsilon_max is None:
         lines.append("privacy: no site trained in this run, so none spent any budget")
     elif privacy.level in ("record", "both"):
         lines.append(f"privacy: record-level epsilon {privacy.epsilon_max:.3f} (max over "

@@ -10,8 +10,10 @@ from fedrnn.server.records import RunRecord
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.errors import FedrnnError
 from fedrnn.shared.run_records import (
+    SUMMARY_FILE,
     PrivacySummary,
     RoundRow,
+    RunSummary,
     UserLevelSummary,
     read_rows,
     read_summary,
@@ -90,3 +92,21 @@ def test_a_summary_fedrnn_did_not_write_is_one_clear_error(tmp_path, text):
     (tmp_path / "summary.json").write_text(text)
     with pytest.raises(FedrnnError, match="summary.json: not a fedrnn run record"):
         read_summary(tmp_path)
+
+
+def test_a_run_without_noise_says_its_epsilon_is_unbounded(tmp_path):
+    """Clipping without noise spends no finite budget: the run must not read as one where
+    nobody trained."""
+    from fedrnn.server.commands import summary_lines
+
+    for epsilon, noise, expected in ((math.inf, 0.0, "epsilon is unbounded"),
+                                     (8.0, 1.1, "no site trained")):
+        privacy = PrivacySummary(
+            level="record", epsilon_max=None, delta=1e-5, accountant="rdp",
+            epsilon_target=epsilon, noise_multiplier=noise, clip_norm=1.0,
+            budget_epsilon=epsilon, budget_delta=1e-5, sites_out_of_budget=0, ledger_dir=None,
+            user_level=None)
+        (tmp_path / SUMMARY_FILE).write_text(json.dumps(
+            RunSummary(final={"loss": 0.5}, rounds=1, clients_total=2,
+                       privacy=privacy).to_json()))
+        assert expected in "\n".join(summary_lines(tmp_path))
