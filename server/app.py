@@ -56,7 +56,7 @@ def make_app(config: RunConfig | None = None, *,
             # Under Flower's ServerApp process (`fedrnn server`, `flwr run`), whose log
             # reaches the operator's console: one line, no traceback. The run directory
             # keeps its last checkpoint; `fedrnn server` says how to resume.
-            logging.getLogger("fedrnn").error("fedrnn: error: %s", exc)
+            logging.getLogger("fedrnn").error("error: %s", exc)  # shown as "fedrnn: error: ..."
             return
         if on_finish is not None:
             on_finish(run_dir)
