@@ -148,7 +148,7 @@ def test_flwr_run_local_completes_a_round(tmp_path: Path) -> None:
            # `flwr` starts `flower-superlink` from PATH: this environment's
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            # uv may not download anything: the run's environment must need nothing
-           "UV_OFFLINE": "1"}
+           "UV_OFFLINE": "1", "UV_CACHE_DIR": str(tmp_path / "uv-cache")}
     env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)  # as a user runs it
     try:
         result = subprocess.run(
