@@ -118,6 +118,14 @@ def _deployed_site(msg: Message, context: Context) -> tuple[Site, RunConfig, int
 
 
 def _simulated_site(msg: Message, context: Context) -> tuple[Site, RunConfig, int]:
+    # Simulated sites run side by side, one per Ray actor: that is the parallelism. Within
+    # one, a small recurrent model's ops are too small for torch's intra-op threads, which
+    # on a busy machine wait on each other: under `flwr run` (Flower's default of 2 CPUs,
+    # so 2 threads, per actor) round 2 of the default run took 54.7 s, 3.0 s with one
+    # thread (2 shared cores). `fedrnn simulate`'s workers start with one
+    # (simulations/worker_preload.py).
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
     config, server_round = _run_config(msg)
     return simulated_site(config, partition_id(msg, context), server_round), config, server_round
 
