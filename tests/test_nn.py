@@ -11,6 +11,8 @@ from opacus import GradSampleModule
 from torch import nn
 
 from fedrnn.shared import nn as dpnn
+from fedrnn.shared.nn import autograd, onednn, samplers
+from fedrnn.shared.nn.records import _Pass
 
 MODES = ("LSTM", "GRU", "RNN")
 
@@ -153,14 +155,14 @@ def test_the_lstm_runs_its_forward_direction_on_onednn_and_falls_back_on_a_surpr
     x = torch.randn(6, 3, 5)
     mine.train()
     taken = []
-    real = dpnn._lstm_forward_onednn
+    real = onednn._lstm_forward_onednn
 
     def spy(*args, **kwargs):
         saved = real(*args, **kwargs)
         taken.append(saved is not None)
         return saved
 
-    monkeypatch.setattr(dpnn, "_lstm_forward_onednn", spy)
+    monkeypatch.setattr(autograd, "_lstm_forward_onednn", spy)
     out, _ = mine(x)
     assert taken == [True, True]
     with torch.no_grad():  # no workspace asked for: outputs and final states still torch's
@@ -168,10 +170,10 @@ def test_the_lstm_runs_its_forward_direction_on_onednn_and_falls_back_on_a_surpr
     # A workspace laid out otherwise than expected (here: a wrong row length) is detected,
     # the layer is not asked again, and shared.nn's own loop gives the same result.
     taken.clear()
-    monkeypatch.setattr(dpnn, "_onednn_ld", lambda width: width + 16)
-    monkeypatch.setattr(dpnn, "_ONEDNN_REFUSED", set())
+    monkeypatch.setattr(onednn, "_onednn_ld", lambda width: width + 16)
+    monkeypatch.setattr(onednn, "_ONEDNN_REFUSED", set())
     again, _ = mine(x)
-    assert taken == [False, False] and sorted(dpnn._ONEDNN_REFUSED) == [7]
+    assert taken == [False, False] and sorted(onednn._ONEDNN_REFUSED) == [7]
     assert torch.allclose(again, out, atol=1e-5) and torch.allclose(again, ref(x)[0], atol=1e-5)
 
 
@@ -276,7 +278,7 @@ def test_ghost_clipping_applies_the_same_clipped_gradient_as_per_sample_clipping
 def test_per_sample_norms_both_ways(steps, gates, width):
     d_g, operand = torch.randn(steps, 6, gates), torch.randn(steps, 6, width)
     layer = dpnn.GRU(width, gates // 3 or 1)
-    norms = dpnn._sample_norms(layer, "weight_hh_l0", d_g, operand)
+    norms = samplers._sample_norms(layer, "weight_hh_l0", d_g, operand)
     expected = torch.einsum("tbg,tbi->bgi", d_g, operand).flatten(1).norm(dim=1)
     assert torch.allclose(norms, expected, rtol=1e-4)
 
@@ -350,17 +352,17 @@ def test_stacked_layers_with_dropout_leave_nothing_alive_under_opacus(mode):
     for _ in range(2):
         model = _Head("LSTM", 2, True, True)
         model.rnn.dropout = 0.3
-        real = dpnn._Pass.__init__
+        real = _Pass.__init__
 
         def spy(self, *args, _real=real, **kwargs):
             _real(self, *args, **kwargs)
             records.append(weakref.ref(self))
 
-        dpnn._Pass.__init__ = spy
+        _Pass.__init__ = spy
         try:
             _private_step(mode, model, torch.randn(4, 5, 4), torch.tensor([5, 2, 4, 1]), 1.0)
         finally:
-            dpnn._Pass.__init__ = real
+            _Pass.__init__ = real
         del model
     gc.collect()
     assert records and all(r() is None for r in records)
