@@ -8,11 +8,16 @@ import warnings
 import pytest
 import torch
 from opacus import GradSampleModule
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+    GradSampleModuleFastGradientClipping as Ghost,
+)
 from torch import nn
 
 from fedrnn.shared import nn as dpnn
 from fedrnn.shared.nn import autograd, onednn, samplers
 from fedrnn.shared.nn.records import _Pass
+
+dpnn.register_with_opacus()  # as training does, where it imports Opacus
 
 MODES = ("LSTM", "GRU", "RNN")
 
@@ -411,25 +416,24 @@ def test_frozen_weights_get_no_gradient_and_inputs_changed_in_place_are_an_error
         out.sum().backward()
 
 
-@pytest.mark.parametrize("first", ["fedrnn.shared.nn", "opacus.grad_sample.utils", "probe"])
-def test_the_layers_register_with_opacus_whichever_is_imported_first(first):
-    # Importing the layers does not import Opacus (the server only holds weights); they
-    # are registered as soon as Opacus is imported, by any of its modules, also after an
-    # availability check has looked Opacus up without importing it.
-    probe = first == "probe"
-    first = "fedrnn.shared.nn" if probe else first
-    other = "opacus" if first == "fedrnn.shared.nn" else "fedrnn.shared.nn"
+@pytest.mark.parametrize("trainer", ["client", "bench"])
+def test_every_trainer_registers_the_layers_with_opacus_and_the_layers_alone_do_not(trainer):
+    # Importing the layers does not import Opacus (the server only holds weights); the code
+    # that trains them under Opacus registers them: the client's training module as it
+    # imports Opacus, the benchmark where it builds its PrivacyEngine. A fresh interpreter,
+    # so that nothing else has registered them.
     code = f"""
-import importlib.util, sys
-import {first}
-assert ("opacus" in sys.modules) == {first.startswith("opacus")}
-if {probe}:
-    assert importlib.util.find_spec("opacus") is not None and "opacus" not in sys.modules
-import {other}
+import sys
+from fedrnn.shared import nn as dpnn
+assert "opacus" not in sys.modules
+if {trainer == "client"}:
+    import fedrnn.client.training
+else:
+    from fedrnn.simulations.bench import StepSpec, make_step
+    make_step("fedrnn", StepSpec(batch=2, seq_len=3, hidden=4, layers=1, embedding=2))()
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleModuleFastGradientClipping as Ghost)
-from fedrnn.shared import nn as dpnn
 for layer in (dpnn.LSTM, dpnn.GRU, dpnn.RNN, dpnn.Embedding):
     assert layer in GradSampleModule.GRAD_SAMPLERS, layer
 for layer in (dpnn.LSTM, dpnn.GRU, dpnn.RNN):
@@ -438,3 +442,22 @@ GradSampleModule(dpnn.LSTM(3, 4))  # supported: no error
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_registering_twice_changes_nothing():
+    before = (dict(GradSampleModule.GRAD_SAMPLERS), dict(Ghost.NORM_SAMPLERS))
+    dpnn.register_with_opacus()
+    assert (dict(GradSampleModule.GRAD_SAMPLERS), dict(Ghost.NORM_SAMPLERS)) == before
+    assert GradSampleModule.GRAD_SAMPLERS[dpnn.GRU] is samplers._recurrent_grad_sample
+    assert Ghost.NORM_SAMPLERS[dpnn.GRU] is samplers._recurrent_norm_sample
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_layer_that_reaches_opacus_unregistered_is_refused_by_name(mode, monkeypatch):
+    # Unregistered, Opacus falls back to functorch, which fails inside the layer with an
+    # error that does not say why; the layer's backward pass names the missing call first.
+    monkeypatch.delitem(GradSampleModule.GRAD_SAMPLERS, dpnn.LSTM)
+    monkeypatch.delitem(Ghost.NORM_SAMPLERS, dpnn.LSTM)
+    with pytest.raises(RuntimeError, match=r"register_with_opacus\(\)"):
+        _private_step(mode, _Head("LSTM", 1, True, False), torch.randn(3, 4, 4),
+                      torch.tensor([4, 2, 3]), 1.0)

@@ -4,7 +4,8 @@ gradients under Opacus.
 Same constructor, parameter names (``weight_ih_l0``, ``bias_hh_l1_reverse`` ...), outputs
 and initial states as torch's layers, so state dicts load both ways. ``forward`` also
 takes ``lengths`` [B]: steps past a sequence's length leave the state unchanged and
-output zeros, and the reverse direction starts at each sequence's own end.
+output zeros, and the reverse direction starts at each sequence's own end. Training under
+Opacus needs ``register_with_opacus()`` once per process (``registration``).
 
 Why they are fast. Each layer-direction is one autograd node (``autograd._Sweep``) whose
 forward and backward are written out by hand, so the time loop holds only the sequential
@@ -31,12 +32,11 @@ Without Opacus, the backward pass computes the ordinary gradients, one matmul pe
 The modules, in dependency order: ``buffers`` (work buffers), ``records`` (what a pass
 leaves for Opacus), ``steps`` (the time loop's shared pieces), ``lstm``, ``onednn``, ``gru``,
 ``rnn`` (the cells), ``gradients``, ``replay``, ``autograd``, ``layers`` (this API),
-``samplers`` (Opacus's grad and norm samplers) and ``registration`` (with Opacus, when
-Opacus is imported). Names with a leading
+``samplers`` (Opacus's grad and norm samplers) and ``registration``. Names with a leading
 underscore are this package's own, not its API.
 """
 
-from fedrnn.shared.nn import registration as _registration  # noqa: F401 (the import hook)
 from fedrnn.shared.nn.layers import GRU, LSTM, RNN, Embedding
+from fedrnn.shared.nn.registration import register_with_opacus
 
-__all__ = ["GRU", "LSTM", "RNN", "Embedding"]
+__all__ = ["GRU", "LSTM", "RNN", "Embedding", "register_with_opacus"]

@@ -11,7 +11,7 @@ from fedrnn.shared.nn.gradients import _input_grad, _weight_grads
 from fedrnn.shared.nn.gru import _gru_backward, _gru_forward
 from fedrnn.shared.nn.lstm import _lstm_backward, _lstm_forward
 from fedrnn.shared.nn.onednn import _lstm_forward_onednn
-from fedrnn.shared.nn.records import _opacus_will_sample, _Sequence
+from fedrnn.shared.nn.records import _opacus_will_sample, _require_samplers, _Sequence
 from fedrnn.shared.nn.replay import _Backward, _per_sample_ratio, _replay
 from fedrnn.shared.nn.rnn import _rnn_backward, _rnn_forward
 
@@ -97,6 +97,7 @@ class _Sweep(torch.autograd.Function):
             ctx.nonlinearity)
         sequence = None
         if _opacus_will_sample(ctx.record):  # per-sample work is the grad/norm sampler's
+            _require_samplers(ctx.record.layer)
             sequence = _Sequence(ctx.names, x, h_prev, d_gi, d_gh)
             ctx.record.sequences.append(sequence)
             grads = [None] * 4

@@ -3,6 +3,7 @@ tells that Opacus will ask for it."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -44,3 +45,13 @@ def _opacus_will_sample(record: _Pass | None) -> bool:
     (hooks disabled or no Opacus: no list)."""
     return record is not None and bool(getattr(record.layer, "activations", None))
 
+
+def _require_samplers(layer: nn.Module) -> None:
+    """Opacus will ask for per-sample gradients of ``layer``; without this package's samplers
+    in its registry it falls back to functorch, which cannot run these layers and fails
+    with an error that does not say why."""
+    grad_sample = sys.modules.get("opacus.grad_sample.grad_sample_module")
+    if grad_sample is None or type(layer) not in grad_sample.GradSampleModule.GRAD_SAMPLERS:
+        raise RuntimeError(f"{type(layer).__name__} is not registered with Opacus: call "
+                           "fedrnn.shared.nn.register_with_opacus() where training imports "
+                           "Opacus, before its first backward pass")
