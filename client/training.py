@@ -30,9 +30,13 @@ from fedrnn.shared.config import RunConfig
 from fedrnn.shared.data import SequenceTensors
 from fedrnn.shared.memory import reuse_freed_memory
 from fedrnn.shared.models import SequenceModel
+from fedrnn.shared.nn import register_with_opacus
 from fedrnn.shared.privacy import History, sample_rate, steps_per_round
 from fedrnn.shared.randomness import SiteRandomness
 from fedrnn.shared.tasks import Batch, Task, get_task
+
+# Before any PrivacyEngine meets the model: Opacus needs the recurrent layers' samplers.
+register_with_opacus()
 
 # Opacus's hooks fire on modules whose inputs need no gradient (the first layer); torch
 # warns about it on every backward pass, although the per-sample gradients are right.

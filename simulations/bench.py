@@ -112,6 +112,9 @@ def make_step(impl: str, spec: StepSpec, seed: int = 0, clipping: str = "ghost")
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset
 
+        from fedrnn.shared.nn import register_with_opacus
+
+        register_with_opacus()
         loader = DataLoader(TensorDataset(inputs, targets), batch_size=spec.batch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

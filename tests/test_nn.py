@@ -8,9 +8,16 @@ import warnings
 import pytest
 import torch
 from opacus import GradSampleModule
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+    GradSampleModuleFastGradientClipping as Ghost,
+)
 from torch import nn
 
 from fedrnn.shared import nn as dpnn
+from fedrnn.shared.nn import autograd, onednn, samplers
+from fedrnn.shared.nn.records import _Pass
+
+dpnn.register_with_opacus()  # as training does, where it imports Opacus
 
 MODES = ("LSTM", "GRU", "RNN")
 
@@ -153,14 +160,14 @@ def test_the_lstm_runs_its_forward_direction_on_onednn_and_falls_back_on_a_surpr
     x = torch.randn(6, 3, 5)
     mine.train()
     taken = []
-    real = dpnn._lstm_forward_onednn
+    real = onednn._lstm_forward_onednn
 
     def spy(*args, **kwargs):
         saved = real(*args, **kwargs)
         taken.append(saved is not None)
         return saved
 
-    monkeypatch.setattr(dpnn, "_lstm_forward_onednn", spy)
+    monkeypatch.setattr(autograd, "_lstm_forward_onednn", spy)
     out, _ = mine(x)
     assert taken == [True, True]
     with torch.no_grad():  # no workspace asked for: outputs and final states still torch's
@@ -168,10 +175,10 @@ def test_the_lstm_runs_its_forward_direction_on_onednn_and_falls_back_on_a_surpr
     # A workspace laid out otherwise than expected (here: a wrong row length) is detected,
     # the layer is not asked again, and shared.nn's own loop gives the same result.
     taken.clear()
-    monkeypatch.setattr(dpnn, "_onednn_ld", lambda width: width + 16)
-    monkeypatch.setattr(dpnn, "_ONEDNN_REFUSED", set())
+    monkeypatch.setattr(onednn, "_onednn_ld", lambda width: width + 16)
+    monkeypatch.setattr(onednn, "_ONEDNN_REFUSED", set())
     again, _ = mine(x)
-    assert taken == [False, False] and sorted(dpnn._ONEDNN_REFUSED) == [7]
+    assert taken == [False, False] and sorted(onednn._ONEDNN_REFUSED) == [7]
     assert torch.allclose(again, out, atol=1e-5) and torch.allclose(again, ref(x)[0], atol=1e-5)
 
 
@@ -276,7 +283,7 @@ def test_ghost_clipping_applies_the_same_clipped_gradient_as_per_sample_clipping
 def test_per_sample_norms_both_ways(steps, gates, width):
     d_g, operand = torch.randn(steps, 6, gates), torch.randn(steps, 6, width)
     layer = dpnn.GRU(width, gates // 3 or 1)
-    norms = dpnn._sample_norms(layer, "weight_hh_l0", d_g, operand)
+    norms = samplers._sample_norms(layer, "weight_hh_l0", d_g, operand)
     expected = torch.einsum("tbg,tbi->bgi", d_g, operand).flatten(1).norm(dim=1)
     assert torch.allclose(norms, expected, rtol=1e-4)
 
@@ -350,17 +357,17 @@ def test_stacked_layers_with_dropout_leave_nothing_alive_under_opacus(mode):
     for _ in range(2):
         model = _Head("LSTM", 2, True, True)
         model.rnn.dropout = 0.3
-        real = dpnn._Pass.__init__
+        real = _Pass.__init__
 
         def spy(self, *args, _real=real, **kwargs):
             _real(self, *args, **kwargs)
             records.append(weakref.ref(self))
 
-        dpnn._Pass.__init__ = spy
+        _Pass.__init__ = spy
         try:
             _private_step(mode, model, torch.randn(4, 5, 4), torch.tensor([5, 2, 4, 1]), 1.0)
         finally:
-            dpnn._Pass.__init__ = real
+            _Pass.__init__ = real
         del model
     gc.collect()
     assert records and all(r() is None for r in records)
@@ -409,25 +416,24 @@ def test_frozen_weights_get_no_gradient_and_inputs_changed_in_place_are_an_error
         out.sum().backward()
 
 
-@pytest.mark.parametrize("first", ["fedrnn.shared.nn", "opacus.grad_sample.utils", "probe"])
-def test_the_layers_register_with_opacus_whichever_is_imported_first(first):
-    # Importing the layers does not import Opacus (the server only holds weights); they
-    # are registered as soon as Opacus is imported, by any of its modules, also after an
-    # availability check has looked Opacus up without importing it.
-    probe = first == "probe"
-    first = "fedrnn.shared.nn" if probe else first
-    other = "opacus" if first == "fedrnn.shared.nn" else "fedrnn.shared.nn"
+@pytest.mark.parametrize("trainer", ["client", "bench"])
+def test_every_trainer_registers_the_layers_with_opacus_and_the_layers_alone_do_not(trainer):
+    # Importing the layers does not import Opacus (the server only holds weights); the code
+    # that trains them under Opacus registers them: the client's training module as it
+    # imports Opacus, the benchmark where it builds its PrivacyEngine. A fresh interpreter,
+    # so that nothing else has registered them.
     code = f"""
-import importlib.util, sys
-import {first}
-assert ("opacus" in sys.modules) == {first.startswith("opacus")}
-if {probe}:
-    assert importlib.util.find_spec("opacus") is not None and "opacus" not in sys.modules
-import {other}
+import sys
+from fedrnn.shared import nn as dpnn
+assert "opacus" not in sys.modules
+if {trainer == "client"}:
+    import fedrnn.client.training
+else:
+    from fedrnn.simulations.bench import StepSpec, make_step
+    make_step("fedrnn", StepSpec(batch=2, seq_len=3, hidden=4, layers=1, embedding=2))()
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleModuleFastGradientClipping as Ghost)
-from fedrnn.shared import nn as dpnn
 for layer in (dpnn.LSTM, dpnn.GRU, dpnn.RNN, dpnn.Embedding):
     assert layer in GradSampleModule.GRAD_SAMPLERS, layer
 for layer in (dpnn.LSTM, dpnn.GRU, dpnn.RNN):
@@ -436,3 +442,22 @@ GradSampleModule(dpnn.LSTM(3, 4))  # supported: no error
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_registering_twice_changes_nothing():
+    before = (dict(GradSampleModule.GRAD_SAMPLERS), dict(Ghost.NORM_SAMPLERS))
+    dpnn.register_with_opacus()
+    assert (dict(GradSampleModule.GRAD_SAMPLERS), dict(Ghost.NORM_SAMPLERS)) == before
+    assert GradSampleModule.GRAD_SAMPLERS[dpnn.GRU] is samplers._recurrent_grad_sample
+    assert Ghost.NORM_SAMPLERS[dpnn.GRU] is samplers._recurrent_norm_sample
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_layer_that_reaches_opacus_unregistered_is_refused_by_name(mode, monkeypatch):
+    # Unregistered, Opacus falls back to functorch, which fails inside the layer with an
+    # error that does not say why; the layer's backward pass names the missing call first.
+    monkeypatch.delitem(GradSampleModule.GRAD_SAMPLERS, dpnn.LSTM)
+    monkeypatch.delitem(Ghost.NORM_SAMPLERS, dpnn.LSTM)
+    with pytest.raises(RuntimeError, match=r"register_with_opacus\(\)"):
+        _private_step(mode, _Head("LSTM", 1, True, False), torch.randn(3, 4, 4),
+                      torch.tensor([4, 2, 3]), 1.0)
