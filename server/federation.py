@@ -46,6 +46,10 @@ from fedrnn.shared.tasks import METRICS
 
 log = logging.getLogger("fedrnn")
 
+# The clock a round's deadline (--round-timeout) is measured on. A test replaces it to pass
+# a deadline at the moment it chooses, instead of racing a real wait on a slow machine.
+deadline_clock: Callable[[], float] = time.monotonic
+
 
 def default_out_dir() -> str:
     return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -325,7 +329,7 @@ def _push(grid: Grid, strategy, sampler: ClientSampler | None, flat: dict,  # no
     available = (len(phase_grid.nodes) if isinstance(phase_grid, _CountingGrid)
                  else len(sampler.candidates[phase]))
     return _Phase(phase, messages, ids, partitions, timeout,
-                  None if timeout is None else time.monotonic() + timeout, available)
+                  None if timeout is None else deadline_clock() + timeout, available)
 
 
 class _CountingGrid:
@@ -363,7 +367,7 @@ def _receive(grid: Grid, phase: _Phase, check: Callable[[Message], str | None],
         arrived = list(grid.pull_messages(pending))
         replies.extend(arrived)
         pending -= {m.metadata.reply_to_message_id for m in arrived}
-        if not pending or (phase.deadline is not None and time.monotonic() >= phase.deadline):
+        if not pending or (phase.deadline is not None and deadline_clock() >= phase.deadline):
             break
         time.sleep(getattr(grid, "pull_interval", 0.1))
     name = phase.name

@@ -226,6 +226,7 @@ def test_server_refuses_bad_settings_before_starting(tmp_path, capsys):
     assert "ca.crt" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_tls_auth_three_sites_complete_a_run(deployment, capsys):
     tmp, start = deployment
     port = _free_port()
@@ -276,6 +277,7 @@ def test_tls_auth_three_sites_complete_a_run(deployment, capsys):
     assert "final:" in server.output and "Traceback" not in server.output
 
 
+@pytest.mark.e2e
 def test_killed_client_and_killed_server_resume(deployment):
     tmp, start = deployment
     port = _free_port()
@@ -335,6 +337,7 @@ def test_a_task_whose_supernode_is_gone_ends_instead_of_retrying_forever():
     assert not thread.is_alive() and outcome
 
 
+@pytest.mark.e2e
 def test_the_sites_address_answers_the_fleet_api_and_nothing_else(deployment):
     # An outsider on the sites' address, with Flower's own control client: it can list no
     # runs, register no node key and start no run (whose code would run on the server).

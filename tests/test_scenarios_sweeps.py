@@ -58,6 +58,7 @@ def test_parse_sweeps_checks_every_value():
         parse_sweeps(["model=gru,transformer"], RunConfig())
 
 
+@pytest.mark.e2e
 def test_sweep_runs_every_variant_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["simulate", "--scenario", "synthetic-classify", "--rounds", "1",
@@ -72,6 +73,7 @@ def test_sweep_runs_every_variant_and_writes_the_table(tmp_path, capsys):
     assert "epsilon_spent" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_bench_simulation_reports_both_runs_and_their_ratio():
     result = bench_simulation({"dataset": "synthetic", "clients": 4, "clients-per-round": 2,
                                "eval-clients-per-round": 2, "rounds": 1,
