@@ -3,6 +3,7 @@ Flower's SuperLink and SuperNodes, TLS, node authentication, kills and restarts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -43,8 +44,11 @@ class Proc:
         self.log = tmp / f"{name}.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_HOME": str(tmp / f"{name}.flwr")}
         with self.log.open("w") as fh:
+            # its own process group: what it starts (SuperLink, ServerApp, SuperNode) can be
+            # ended with it, even after the process itself was killed
             self.process = subprocess.Popen([sys.executable, "-m", "fedrnn.shared.cli", *args],
-                                            stdout=fh, stderr=subprocess.STDOUT, env=env)
+                                            stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
 
     @property
     def output(self) -> str:
@@ -66,8 +70,10 @@ class Proc:
             pytest.fail(f"{self.log.name} did not end:\n{self.output[-3000:]}")
 
     def kill(self) -> None:
+        """The host dies: the process and what it started (a site's SuperNode, which would
+        otherwise stay connected and be sampled again)."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
     def stop(self) -> None:
@@ -85,6 +91,17 @@ def _until(condition, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:  # ended meanwhile
+            continue
+    return [pid for pid in found if pid != os.getpid()]
 
 
 def _charges(ledger: Path) -> list[int]:
@@ -123,8 +140,18 @@ def deployment(tmp_path: Path):
         return proc
 
     yield tmp_path, start
+    for proc in procs:  # all asked at once, then each awaited
+        if proc.process.poll() is None:
+            proc.process.terminate()
     for proc in procs:
         proc.stop()
+        with contextlib.suppress(ProcessLookupError):  # what a killed process left running
+            os.killpg(proc.process.pid, signal.SIGKILL)
+    # A killed server's ServerApp runs in a session of Flower's own and outlives it; its
+    # command line names this test's certificates.
+    for pid in _processes_mentioning(str(tmp_path)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _client(tmp: Path, site: int, port: int, *extra: str) -> list[str]:
