@@ -22,6 +22,10 @@ from fedrnn.shared.errors import FedrnnError
 
 log = logging.getLogger("fedrnn")
 
+# The clock a round's deadline (--round-timeout) is measured on. A test replaces it to pass
+# a deadline at the moment it chooses, instead of racing a real wait on a slow machine.
+deadline_clock: Callable[[], float] = time.monotonic
+
 
 def _participants(sampler: ClientSampler | None, grid: Grid, flat: dict, server_round: int,
                   phase: str) -> tuple[ConfigRecord, Grid, dict[int, int] | None]:
@@ -71,7 +75,7 @@ def push(grid: Grid, strategy, sampler: ClientSampler | None, flat: dict,  # noq
     available = (len(phase_grid.nodes) if isinstance(phase_grid, _CountingGrid)
                  else len(sampler.candidates[phase]))
     return Phase(phase, messages, ids, partitions, timeout,
-                  None if timeout is None else time.monotonic() + timeout, available)
+                  None if timeout is None else deadline_clock() + timeout, available)
 
 
 class _CountingGrid:
@@ -109,7 +113,7 @@ def receive(grid: Grid, phase: Phase, check: Callable[[Message], str | None],
         arrived = list(grid.pull_messages(pending))
         replies.extend(arrived)
         pending -= {m.metadata.reply_to_message_id for m in arrived}
-        if not pending or (phase.deadline is not None and time.monotonic() >= phase.deadline):
+        if not pending or (phase.deadline is not None and deadline_clock() >= phase.deadline):
             break
         time.sleep(getattr(grid, "pull_interval", 0.1))
     name = phase.name

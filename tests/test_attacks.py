@@ -36,6 +36,7 @@ def _norm(out) -> float:
     return float(torch.sqrt(sum((v.float() ** 2).sum() for v in state.values())))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("attack", ["scale"])
 def test_a_median_bounds_a_scaled_update_where_the_mean_follows_it(tmp_path, attack):
     assert all(len(_attackers(r)) < 5 for r in (1, 2, 3))

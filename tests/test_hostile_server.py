@@ -19,6 +19,8 @@ from conftest import independent_rdp_epsilon
 
 from fedrnn.client.ledger import Ledger
 
+pytestmark = pytest.mark.e2e  # every test here runs a real deployment
+
 BUDGET_EPSILON, BUDGET_DELTA = 3.0, 1e-6
 
 HOSTILE_SERVER_APP = '''

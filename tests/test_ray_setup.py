@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import ray
 
 from fedrnn.simulations.ray_setup import FAST_CONNECT, start_ray, stop_ray
@@ -40,6 +41,7 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+@pytest.mark.e2e
 def test_workers_start_with_the_client_app_and_one_thread_each(capfd):
     def worker_state() -> tuple[bool, bool, bool, int]:
         import sys
@@ -70,7 +72,7 @@ def test_workers_start_with_the_client_app_and_one_thread_each(capfd):
 def test_workers_load_flowers_actor_without_flowers_simulation_server():
     # The actor's package __init__ (LinkState, SQLAlchemy, Alembic: ~1 s of CPU a worker)
     # waits until the package itself is asked for something, then behaves as imported.
-    code = ("import sys, simulations.worker_preload\n"
+    code = ("import sys, fedrnn.simulations.worker_preload\n"
             "assert 'flwr.simulation.ray_transport.ray_actor' in sys.modules\n"
             "assert 'flwr.simulation.app' not in sys.modules\n"
             "import threading, flwr.simulation as fs\n"
@@ -91,6 +93,7 @@ def test_the_driver_does_not_import_opacus():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+@pytest.mark.e2e
 def test_no_monitors_and_stopping_leaves_no_ray_process_behind():
     # (stop_ray(for_exit=True), which the process must follow by exiting, is checked by
     # running the program: test_simulation.py)

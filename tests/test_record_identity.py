@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 from conftest import releases_by_site
 
 from fedrnn.shared.cli import main
@@ -70,6 +71,7 @@ def test_the_split_is_per_record_and_stable(tmp_path):
     assert (held_out(keys, secret=b"t" * 32, eval_fraction=0.2) != mask).any()
 
 
+@pytest.mark.e2e
 def test_spent_records_are_not_trained_again_after_an_edit_in_a_simulation(tmp_path):
     rows = [{"client": f"clinic-{i % 2}", "text": f"visit {i} was {'good' if i % 2 else 'bad'}",
              "label": "pos" if i % 2 else "neg"} for i in range(24)]

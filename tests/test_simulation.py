@@ -22,6 +22,7 @@ def _rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_simulate_synthetic_classify_with_dp(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["simulate", "--dataset", "synthetic", "--task", "classify", "--rounds", "2",
@@ -52,6 +53,7 @@ def test_simulate_synthetic_classify_with_dp(tmp_path, capsys):
     assert "round   2/2" in capsys.readouterr().err  # progress shown while running
 
 
+@pytest.mark.e2e
 def test_simulate_own_jsonl_lm(tmp_path, text_jsonl):
     out = tmp_path / "lm"
     code = main(["simulate", "--data", str(text_jsonl), "--task", "lm", "--model", "lstm",
@@ -92,6 +94,7 @@ def _ledger_rows(ledger_dir):
     return releases_by_site(ledger_dir)
 
 
+@pytest.mark.e2e
 def test_budget_carries_across_runs_on_the_same_ledgers(tmp_path, capsys):
     ledgers = tmp_path / "ledgers"
     common = ["simulate", "--dataset", "synthetic", "--clients", "2", "--rounds", "2",
@@ -117,6 +120,7 @@ def test_budget_carries_across_runs_on_the_same_ledgers(tmp_path, capsys):
     assert all(2.9 < c["epsilon"] <= 3.0 for c in audit["clients"])
 
 
+@pytest.mark.e2e
 def test_user_level_dp_is_accounted_separately(tmp_path, rdp_reference):
     out = tmp_path / "both"
     assert main(["simulate", "--dataset", "synthetic", "--clients", "4",
@@ -145,6 +149,7 @@ def _processes_using(directory: str) -> set[int]:
     return found
 
 
+@pytest.mark.e2e
 def test_program_ends_once_the_run_is_written_leaving_no_ray_process(tmp_path):
     # The `fedrnn` program ends its process itself once the run is on disk, skipping
     # Flower's wind-down and the interpreter's exit: nothing may be missing or left running.
@@ -174,6 +179,7 @@ def test_program_ends_once_the_run_is_written_leaving_no_ray_process(tmp_path):
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 
+@pytest.mark.e2e
 def test_program_interrupted_stops_at_once_leaving_no_ray_process(tmp_path):
     # Ctrl-C: Flower's engine threads would otherwise play every remaining round first.
     out = tmp_path / "run"

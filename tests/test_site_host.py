@@ -144,6 +144,7 @@ def test_the_session_secret_is_fresh_private_and_removed():
     assert not first.parent.exists() and not second.parent.exists()
 
 
+@pytest.mark.e2e
 def test_a_stopped_site_removes_its_secret(tmp_path):
     # ``kill``/systemd stop a site with SIGTERM: its SuperNode session unwinds, and the
     # secret's directory goes with it.
@@ -240,6 +241,7 @@ def superlink(tmp_path):
             link.wait()
 
 
+@pytest.mark.e2e
 def test_only_the_holder_of_the_session_secret_claims_tasks(superlink, tmp_path, caplog):
     from flwr.proto.runtime_pb2 import (
         AcquireTaskRequest,
