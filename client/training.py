@@ -210,7 +210,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
 # gives the sum of clipped gradients, which shared.nn replays without its time loop. For
 # the LEAF LSTM the step takes 201 ms against 246 ms materialising per-record gradients
 # (``fedrnn bench dp-step`` and ``--clipping hooks``, README); the clipping is the same
-# (tests/test_privacy.py).
+# (tests/shared/test_privacy.py).
 CLIPPING = "ghost"
 _UNUSED_CRITERION = torch.nn.MSELoss()  # make_private wants one; ``backward`` builds the loss
 

@@ -34,7 +34,7 @@ OPTIMIZERS = ("sgd", "adam")
 
 # Which flags each command offers: a command lists the groups it reads (``fedrnn split
 # --help`` shows the data and partition settings, not the model's). Every field is in exactly
-# one group (tests/test_config.py).
+# one group (tests/shared/test_config.py).
 FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "data": ("dataset", "data", "task", "tokenizer", "vocab_size", "max_len", "labels",
              "features"),

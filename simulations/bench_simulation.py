@@ -115,7 +115,7 @@ def plain_main() -> None:
 
 def fedavg(updates: list[tuple[float, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
     """The mean of the ``(weight, state_dict)`` updates weighted by their weights: what
-    Flower's FedAvg computes on the server (``tests/test_scenarios_sweeps.py`` checks it
+    Flower's FedAvg computes on the server (``tests/simulations/test_scenarios_sweeps.py`` checks it
     against Flower's own). The plain run does not import Flower to compute it: that
     import (0.6 to 1.1 s on 2 shared cores) is part of the cost the benchmark measures."""
     total = sum(n for n, _ in updates)

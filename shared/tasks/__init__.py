@@ -16,7 +16,7 @@ Adding a task:
    shortest complete example) and set its ``synthetic`` corpus.
 2. Import it below, so that registering it happens when the package is imported.
 3. Add ``"NAME"`` to ``TASKS`` in ``shared/config.py``: the ``--task`` choices, checked
-   without importing torch. ``tests/test_tasks.py`` fails until the two lists agree.
+   without importing torch. ``tests/shared/test_tasks.py`` fails until the two lists agree.
 """
 
 # Importing a task's module registers it.

@@ -10,7 +10,7 @@ from fedrnn.shared.config import FLAG_GROUPS, RunConfig, dump_toml, key_of
 from fedrnn.shared.errors import ConfigError
 from fedrnn.shared.mechanisms import NO_DP, RECORD_AND_USER_LEVEL, RECORD_LEVEL, USER_LEVEL
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_flat_round_trip_and_toml_dump():

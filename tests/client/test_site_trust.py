@@ -30,7 +30,7 @@ BUDGET_EPSILON, BUDGET_DELTA = 3.0, 1e-6
 PROPOSAL = RunConfig(task="classify", labels="sick,well", features="hr,temp", hidden_size=8,
                      batch_size=8, rounds=3, epsilon=8.0, run_id="hostile")
 _IDS = itertools.count()
-THREAT_MODEL = Path(__file__).parent.parent / "docs" / "threat-model.md"
+THREAT_MODEL = Path(__file__).resolve().parents[2] / "docs" / "threat-model.md"
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ PROPOSAL = RunConfig(task="classify", labels="sick,well", features="hr,temp", hi
                      batch_size=8, rounds=3, run_id="hostile")
 ATTACKS = [
     ("train", {"epsilon": math.inf}),  # noise off
-    # (an accountant that under-counts, dp off and the rest: tests/test_site_trust.py)
+    # (an accountant that under-counts, dp off and the rest: tests/client/test_site_trust.py)
     # a raised budget, the server's delta, a huge epsilon in one round: spend it all now
     ("train", {"budget-epsilon": 1000.0, "budget-delta": 0.9, "delta": 0.9,
                "epsilon": 1e6, "rounds": 1, "noise-multiplier": 0.0}),

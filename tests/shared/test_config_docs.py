@@ -8,7 +8,7 @@ from pathlib import Path
 from fedrnn.shared.config import RunConfig, key_of
 from fedrnn.shared.config_docs import grouped_fields, markdown, toml_value
 
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 def test_the_committed_page_is_what_the_generator_writes():

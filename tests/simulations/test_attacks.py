@@ -1,6 +1,7 @@
 """Hostile simulated sites (``--attack``): a robust strategy bounds what a scaled update does
-to the model where FedAvg does not. (Malformed updates are rejected: tests/test_server_trust.py
-for each kind, tests/test_hostile_server.py on a real deployment.)"""
+to the model where FedAvg does not. (Malformed updates are rejected:
+tests/server/test_server_trust.py for each kind, tests/client/test_hostile_server.py on a
+real deployment.)"""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from fedrnn.server import app as server_app
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_uv_installs_none_of_the_apps_dependencies() -> None:
