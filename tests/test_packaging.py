@@ -42,3 +42,18 @@ def test_the_program_offers_every_command():
 
     assert [c.name for c in installed_commands()] == [
         "simulate", "server", "client", "certs", "split", "budget", "audit", "ledger", "bench"]
+
+
+def test_every_source_package_is_installed():
+    """A folder with an ``__init__.py`` missing from pyproject's ``packages`` is left out of a
+    wheel (the editable install would still find it, so only this test would notice)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {folder: name for name, folder in setuptools["package-dir"].items()}
+    found = {folders[init.parent.relative_to(root).parts[0]] + "".join(
+                 "." + part for part in init.parent.relative_to(root).parts[1:])
+             for folder in folders for init in (root / folder).rglob("__init__.py")}
+    assert found == set(setuptools["packages"])
