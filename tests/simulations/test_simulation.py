@@ -23,37 +23,6 @@ def _rows(out):
 
 
 @pytest.mark.e2e
-def test_simulate_synthetic_classify_with_dp(tmp_path, capsys):
-    out = tmp_path / "run"
-    code = main(["simulate", "--dataset", "synthetic", "--task", "classify", "--rounds", "2",
-                 "--clients", "3", "--hidden-size", "8", "--batch-size", "16",
-                 "--epsilon", "4", "--out", str(out)])
-    assert code == 0
-    rows = _rows(out)
-    assert [r["round"] for r in rows] == [1, 2]
-    for row in rows:
-        assert {"loss", "accuracy", "auroc", "epsilon_max", "clients"} <= row.keys()
-        assert row["clients"] == 3
-    # the spend is cumulative and the calibration reaches the target at the last round
-    assert 0 < rows[0]["epsilon_max"] < rows[1]["epsilon_max"] <= 4.0
-    assert rows[1]["epsilon_max"] > 3.8
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["final"]["auroc"] == rows[-1]["auroc"]
-    assert summary["privacy"]["epsilon_max"] == rows[-1]["epsilon_max"]
-    assert summary["privacy"]["delta"] == 1e-5 and summary["privacy"]["accountant"] == "rdp"
-    assert (out / "metrics.png").stat().st_size > 0
-    assert not list(out.glob(".*.tmp"))  # every file renamed into place whole
-    # the default ledger beside the run, one for every simulated site, recorded as an
-    # absolute path
-    assert [p.name for p in (out / "ledgers").glob("*.sqlite")] == ["sites.sqlite"]
-    assert sorted(releases_by_site(out / "ledgers")) == ["site-0", "site-1", "site-2"]
-    assert summary["privacy"]["ledger_dir"] == str((out / "ledgers").resolve())
-    model, config = load_trained(out)
-    assert config.rounds == 2 and config.labels == "neg,pos"
-    assert "round   2/2" in capsys.readouterr().err  # progress shown while running
-
-
-@pytest.mark.e2e
 def test_simulate_own_jsonl_lm(tmp_path, text_jsonl):
     out = tmp_path / "lm"
     code = main(["simulate", "--data", str(text_jsonl), "--task", "lm", "--model", "lstm",
@@ -120,22 +89,6 @@ def test_budget_carries_across_runs_on_the_same_ledgers(tmp_path, capsys):
     assert all(2.9 < c["epsilon"] <= 3.0 for c in audit["clients"])
 
 
-@pytest.mark.e2e
-def test_user_level_dp_is_accounted_separately(tmp_path, rdp_reference):
-    out = tmp_path / "both"
-    assert main(["simulate", "--dataset", "synthetic", "--clients", "4",
-                 "--clients-per-round", "2", "--rounds", "2", "--hidden-size", "8",
-                 "--dp-level", "both", "--user-noise-multiplier", "1.5",
-                 "--user-clip-norm", "0.5", "--out", str(out)]) == 0
-    rows = _rows(out)
-    assert 0 < rows[0]["user_epsilon"] < rows[1]["user_epsilon"]
-    user = json.loads((out / "summary.json").read_text())["privacy"]["user_level"]
-    history = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in user["history"]]
-    assert history == [(1.5, 0.5, 1), (1.5, 0.5, 1)]  # 2 of 4 sites sampled per round
-    assert user["epsilon"] == pytest.approx(rdp_reference(history, 1e-5), rel=0.01)
-    assert user["epsilon"] == rows[-1]["user_epsilon"]
-
-
 def _processes_using(directory: str) -> set[int]:
     """Live processes with a file open under ``directory`` (every Ray process keeps its log
     files in its session directory; their command lines are renamed, so not those)."""
@@ -150,25 +103,47 @@ def _processes_using(directory: str) -> set[int]:
 
 
 @pytest.mark.e2e
-def test_program_ends_once_the_run_is_written_leaving_no_ray_process(tmp_path):
-    # The `fedrnn` program ends its process itself once the run is on disk, skipping
-    # Flower's wind-down and the interpreter's exit: nothing may be missing or left running.
+def test_simulate_writes_the_run_and_ends_leaving_no_ray_process(tmp_path):
+    """The default workflow, as the `fedrnn` program runs it: a DP simulation whose rows,
+    summary, model and ledgers are whole; the program ends its process itself once the run
+    is on disk, skipping Flower's wind-down and the interpreter's exit: nothing may be
+    missing or left running."""
     out = tmp_path / "run"
     ray_dir = tempfile.mkdtemp(prefix="fr-", dir="/tmp")  # short: Ray's sockets live there
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "fedrnn.shared.cli", "simulate", "--dataset", "synthetic",
              "--clients", "3", "--rounds", "2", "--hidden-size", "8", "--batch-size", "16",
-             "--out", str(out)],
-            capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_TMPDIR": ray_dir})
+             "--epsilon", "4", "--out", str(out)],
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "RAY_TMPDIR": ray_dir})
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "run directory:" in proc.stdout  # printed before the process ended
         assert "error" not in proc.stderr.lower()
-        assert [r["round"] for r in _rows(out)] == [1, 2]
+        assert "round   2/2" in proc.stderr  # progress shown while running
+        rows = _rows(out)
+        assert [r["round"] for r in rows] == [1, 2]
+        for row in rows:
+            assert {"loss", "accuracy", "auroc", "epsilon_max", "clients"} <= row.keys()
+            assert row["clients"] == 3
+        # the spend is cumulative and the calibration reaches the target at the last round
+        assert 0 < rows[0]["epsilon_max"] < rows[1]["epsilon_max"] <= 4.0
+        assert rows[1]["epsilon_max"] > 3.8
         summary = json.loads((out / "summary.json").read_text())
         assert summary["rounds"] == 2
-        load_trained(out)  # model.pt and config.toml whole
-        assert not list(out.glob(".*.tmp"))
+        assert summary["final"]["auroc"] == rows[-1]["auroc"]
+        assert summary["privacy"]["epsilon_max"] == rows[-1]["epsilon_max"]
+        assert summary["privacy"]["delta"] == 1e-5
+        assert summary["privacy"]["accountant"] == "rdp"
+        assert (out / "metrics.png").stat().st_size > 0
+        model, config = load_trained(out)  # model.pt and config.toml whole
+        assert config.rounds == 2 and config.labels == "neg,pos"
+        assert not list(out.glob(".*.tmp"))  # every file renamed into place whole
+        # the default ledger beside the run, one for every simulated site, recorded as an
+        # absolute path
+        assert [p.name for p in (out / "ledgers").glob("*.sqlite")] == ["sites.sqlite"]
+        assert sorted(releases_by_site(out / "ledgers")) == ["site-0", "site-1", "site-2"]
+        assert summary["privacy"]["ledger_dir"] == str((out / "ledgers").resolve())
         assert {k: len(v) for k, v in _ledger_rows(out / "ledgers").items()} == {
             "site-0": 2, "site-1": 2, "site-2": 2}
         deadline = time.monotonic() + 30

@@ -25,10 +25,11 @@ def _charged_rounds(out):
             for site, releases in releases_by_site(out / "ledgers").items()}
 
 
-def test_same_seed_same_sites_and_metrics(tmp_path):
+def test_same_seed_same_sites_and_metrics(tmp_path, rdp_reference):
     runs = [tmp_path / "a", tmp_path / "b"]
     for out in runs:
         assert main([*COMMON, "--seed", "5", "--dp-level", "both", "--dropout-rate", "0.3",
+                     "--user-noise-multiplier", "1.5", "--user-clip-norm", "0.5",
                      "--out", str(out)]) == 0
     a, b = ([{k: v for k, v in row.items() if k != "seconds"} for row in _rows(out)]
             for out in runs)
@@ -36,6 +37,16 @@ def test_same_seed_same_sites_and_metrics(tmp_path):
     assert a == b  # bit for bit: replies are aggregated in partition order, whatever order
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["clients_total"] == 6
+    # user-level DP is accounted apart from the sites' record-level spend: one release a
+    # round, 3 of 6 sites sampled; the noise, sized for the 3 sampled, protects only as much
+    # as it is against the clip of the sites that did reply (dropouts make it less);
+    # checked against an independent accountant
+    assert 0 < a[0]["user_epsilon"] < a[1]["user_epsilon"]
+    user = summary["privacy"]["user_level"]
+    history = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in user["history"]]
+    assert history == [(pytest.approx(1.5 * row["clients"] / 3), 0.5, 1) for row in a]
+    assert user["epsilon"] == pytest.approx(rdp_reference(history, 1e-5), rel=0.01)
+    assert user["epsilon"] == a[-1]["user_epsilon"]
 
 
 def test_dropouts_are_recorded_and_still_charged(tmp_path):
