@@ -20,7 +20,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import NoReturn
@@ -57,7 +57,6 @@ class Command:
     description: str | None = None
     epilog: str | None = None
     order: int = 100
-    parser_options: dict = field(default_factory=dict)
 
 
 def installed_commands() -> list[Command]:
@@ -81,8 +80,7 @@ def add_subcommands(parent: argparse.ArgumentParser, commands: Iterable[Command]
                                 description=textwrap.fill(command.description or command.help,
                                                           width=88),
                                 epilog=command.epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                **command.parser_options)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
         command.configure(parser)
         if command.run is not None:
             parser.set_defaults(func=command.run)
