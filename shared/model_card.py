@@ -205,6 +205,9 @@ def read_card(directory: str | Path) -> ModelCard:
         raise FedrnnError(f"{directory}: not a directory (give a run directory, or one "
                           f"holding {CARD_FILE} and {WEIGHTS_FILE})")
     path = directory / CARD_FILE
+    if not path.is_file() and (directory / "config.toml").is_file():
+        raise FedrnnError(f"{directory}: no {CARD_FILE}: the run finished before model cards "
+                          "were written, or has not finished yet")
     if not path.is_file():
         raise FedrnnError(f"{directory}: no {CARD_FILE} (a run directory from fedrnn "
                           f"simulate or fedrnn server, or a copy of its {CARD_FILE} and "
