@@ -51,7 +51,8 @@ def summary_lines(out: Path) -> list[str]:
     if privacy.sites_out_of_budget:
         lines.append(f"budgets: {privacy.sites_out_of_budget} site(s) ran out of privacy "
                      f"budget and declined to train; see `fedrnn audit {out}`")
-    lines.append(f"run directory: {out} (metrics.jsonl, summary.json, model.pt, metrics.png)")
+    lines.append(f"run directory: {out} (metrics.jsonl, summary.json, model.pt + "
+                 "model.json, metrics.png)")
     return lines
 
 

@@ -4,6 +4,7 @@
 - ``metrics.jsonl``: one JSON object per round, appended as each round ends;
 - ``summary.json``: ``final`` metrics and the ``privacy`` spent;
 - ``model.pt``: the final global ``state_dict``;
+- ``model.json``: its card (``shared.model_card``): all that uses the model away from the run;
 - ``metrics.png``: the task's metrics and epsilon over rounds;
 - ``checkpoint.pt``: the state after the last completed round (``server.checkpoint``).
 Files are written to a temporary name and renamed, so none is ever half-written.
@@ -11,7 +12,6 @@ Files are written to a temporary name and renamed, so none is ever half-written.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch
 
 from fedrnn.shared.config import RunConfig, dump_toml
 from fedrnn.shared.files import write_atomic
+from fedrnn.shared.model_card import ModelCard, write_model
 from fedrnn.shared.plots import png_bytes, pyplot
 from fedrnn.shared.run_records import (
     METRICS_FILE,
@@ -54,15 +55,35 @@ class RunRecord:
             fh.write(row.to_line())
 
     def finish(self, state_dict: dict[str, torch.Tensor], privacy: PrivacySummary) -> None:
-        buffer = io.BytesIO()
-        torch.save(state_dict, buffer)
-        write_atomic(self.dir / "model.pt", buffer.getvalue())
+        write_model(self.dir, self.card(privacy), state_dict)
         final = {k: v for k, v in (self.rows[-1].metrics if self.rows else {}).items()
                  if k in METRICS[self.config.task]}
         summary = RunSummary(final=final, rounds=len(self.rows),
                              clients_total=self.config.clients, privacy=privacy)
         write_atomic(self.dir / SUMMARY_FILE, json.dumps(summary.to_json(), indent=2).encode())
         self.plot()
+
+    def card(self, privacy: PrivacySummary) -> ModelCard:
+        """The card of a model this run trained (``model.json``; give any other weights the
+        run saves, such as a best round's, the same card beside them)."""
+        return ModelCard.describe(self.config, privacy,
+                                  reference_scaling=self.reference_scaling(privacy))
+
+    def reference_scaling(self, privacy: PrivacySummary) -> dict[str, tuple[float, float]] | None:
+        """The public (mean, std) per feature the sites standardised with, or None when each
+        site used its own statistics.
+
+        Simulated clients use the values a built-in dataset fixes; a deployed site always
+        standardises its own file itself, whatever dataset gave the run its schema. A
+        deployed run is one with record-level DP whose ledgers the server does not hold
+        (``PrivacySummary.ledger_dir``); without record-level DP deployed sites decline, so
+        the sites that trained were simulated.
+        """
+        from fedrnn.shared.data import reference_scaling
+
+        if self.config.record_level and privacy.ledger_dir is None:
+            return None
+        return reference_scaling(self.config)
 
     def plot(self) -> Path:
         plt = pyplot()

@@ -41,7 +41,8 @@ def test_the_program_offers_every_command():
     from fedrnn.shared.cli import installed_commands
 
     assert [c.name for c in installed_commands()] == [
-        "simulate", "server", "client", "certs", "split", "budget", "audit", "ledger", "bench"]
+        "simulate", "server", "client", "certs", "split", "budget", "audit", "ledger", "predict",
+        "evaluate", "generate", "bench"]
 
 
 def test_every_source_package_is_installed():

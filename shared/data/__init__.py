@@ -5,7 +5,9 @@ Public surface:
 - ``partition_corpus(config)``: client names and their record indices (simulation);
 - ``client_data(config, partition_id)``: one client's train/eval tensors, cached per process;
 - ``site_data(config, path, secret=..., eval_fraction=...)``: a deployed site's train/eval
-  tensors from its own file, split by the site's own key.
+  tensors from its own file, split by the site's own key;
+- ``encode_records(corpus, config, scaling=...)``: every record of a file encoded as
+  training encoded it, for using a trained model (``fedrnn predict``).
 
 Every client's records carry their keys (``shared.data.identity``): what the ledger
 charges, record by record.
@@ -34,8 +36,9 @@ from fedrnn.shared.tasks import get_task
 
 log = logging.getLogger("fedrnn")
 
-__all__ = ["ClientData", "Corpus", "SequenceTensors", "check_schema", "client_data",
-           "load_corpus", "partition_corpus", "resolve", "site_data"]
+__all__ = ["ClientData", "Corpus", "EncodedRecords", "SequenceTensors", "check_kind",
+           "check_schema", "client_data", "encode_records", "load_corpus", "partition_corpus",
+           "reference_scaling", "resolve", "site_data"]
 
 
 def load_corpus(config: RunConfig) -> Corpus:
@@ -75,6 +78,14 @@ def resolve(config: RunConfig) -> RunConfig:
     return check_schema(load_corpus(config), config)
 
 
+def reference_scaling(config: RunConfig) -> dict[str, tuple[float, float]] | None:
+    """The public (mean, std) per feature the run's data fixes in advance (a built-in
+    dataset's), or None: text, or numeric records each client standardises itself."""
+    if not config.data and not config.dataset:
+        return None
+    return load_corpus(config).scaling
+
+
 def schema_from_flags(config: RunConfig) -> RunConfig:
     """The schema of a run on records nobody here holds: classes from ``labels``, numeric
     columns from ``features`` (none: text). Each site checks its own file against it."""
@@ -97,10 +108,28 @@ def check_schema(corpus: Corpus, config: RunConfig, *, site: bool = False) -> Ru
     if corpus.kind == "series":
         if not config.features:
             changes["features"] = ",".join(corpus.feature_names)
-        elif tuple(config.feature_names) != corpus.feature_names:
-            raise DataError(corpus.source, f"feature columns {', '.join(corpus.feature_names)} "
-                                           f"differ from the run's features {config.features}")
+        else:
+            _check_features(corpus, config)
     return config.replace(**changes) if changes else config
+
+
+def check_kind(corpus: Corpus, config: RunConfig, *, whose: str) -> None:
+    """DataError unless ``corpus`` holds the kind of records (text, or numeric sequences
+    with the run's feature columns) that ``config`` fixes; ``whose`` names the run."""
+    if corpus.kind == "series" and not config.features:
+        raise DataError(corpus.source, f"holds numeric sequences, but {whose} is on text "
+                                       "(it sets no --features)")
+    if corpus.kind == "text" and config.features:
+        raise DataError(corpus.source, f"holds text, but {whose} is on numeric sequences "
+                                       f"(features {config.features})")
+    if corpus.kind == "series":
+        _check_features(corpus, config)
+
+
+def _check_features(corpus: Corpus, config: RunConfig) -> None:
+    if tuple(config.feature_names) != corpus.feature_names:
+        raise DataError(corpus.source, f"feature columns {', '.join(corpus.feature_names)} "
+                                       f"differ from the run's features {config.features}")
 
 
 def site_data(config: RunConfig, path: str | Path, *, name: str = "", secret: bytes,
@@ -123,12 +152,7 @@ def site_data(config: RunConfig, path: str | Path, *, name: str = "", secret: by
 def _site_data_cached(config: RunConfig, path: str, _mtime: int, name: str, secret: bytes,
                       eval_fraction: float) -> ClientData:
     corpus = _read_cached(path, _mtime)
-    if corpus.kind == "series" and not config.features:
-        raise DataError(path, "holds numeric sequences, but the server's run is on text "
-                              "(it sets no --features)")
-    if corpus.kind == "text" and config.features:
-        raise DataError(path, f"holds text, but the server's run is on numeric sequences "
-                              f"(features {config.features})")
+    check_kind(corpus, config, whose="the server's run")
     config = check_schema(corpus, config, site=True)
     every = np.arange(len(corpus), dtype=np.int64)
     keys = _keys_cached(path, _mtime)
@@ -230,36 +254,95 @@ def _client(corpus: Corpus, config: RunConfig, name: str, keys: list[str],
 def encode_split(corpus: Corpus, config: RunConfig, train_idx: np.ndarray,
                  eval_idx: np.ndarray) -> tuple[SequenceTensors, SequenceTensors]:
     """Tensors for a client's train and eval records (scaling from its train part only)."""
-    label_index = {name: i for i, name in enumerate(config.label_names)}
-
-    def labels_of(idx: np.ndarray) -> torch.Tensor:
-        if not get_task(config.task).uses_labels:
-            return torch.full((len(idx),), -1, dtype=torch.long)
-        unknown = sorted({corpus.labels[i] for i in idx} - set(label_index))
-        if unknown:
-            raise DataError(corpus.source, f"label(s) {', '.join(unknown)} are not among the "
-                                           f"run's labels {config.labels}")
-        return torch.tensor([label_index[corpus.labels[i]] for i in idx], dtype=torch.long)
-
     if corpus.kind == "text":
-        tokenizer = make_tokenizer(config.tokenizer, config.vocab_size)
-
-        def encode(idx: np.ndarray) -> SequenceTensors:
-            tokens, lengths = encode_text([corpus.texts[i] for i in idx], tokenizer,
-                                          config.max_len)
-            return SequenceTensors(tokens, lengths, labels_of(idx))
+        return (_encode_text(corpus, config, train_idx),
+                _encode_text(corpus, config, eval_idx))
+    if corpus.scaling is not None:
+        mean, std = _fixed_scaling(corpus.scaling, corpus.feature_names)
     else:
-        if corpus.scaling is not None:
-            mean = np.array([corpus.scaling[f][0] for f in corpus.feature_names])
-            std = np.array([corpus.scaling[f][1] for f in corpus.feature_names])
-        else:
-            # a held-out single-record client has no training part: its own record
-            mean, std = local_scaling([corpus.values[i] for i in (train_idx if len(train_idx)
-                                                                  else eval_idx)])
+        # a held-out single-record client has no training part: its own record
+        mean, std = local_scaling([corpus.values[i] for i in (train_idx if len(train_idx)
+                                                              else eval_idx)])
+    return (_encode_series(corpus, config, train_idx, mean, std),
+            _encode_series(corpus, config, eval_idx, mean, std))
 
-        def encode(idx: np.ndarray) -> SequenceTensors:
-            inputs, lengths = encode_series([corpus.values[i] for i in idx],
-                                            [corpus.times[i] for i in idx],
-                                            mean=mean, std=std, max_len=config.max_len)
-            return SequenceTensors(inputs, lengths, labels_of(idx))
-    return encode(train_idx), encode(eval_idx)
+
+@dataclass
+class EncodedRecords:
+    """Every record of a file as a model's inputs, in the file's order."""
+
+    tensors: SequenceTensors  # labels -1 unless asked for
+    # numeric sequences: each record's standardisation [N, F] (mean, std in the file's units)
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+
+def encode_records(corpus: Corpus, config: RunConfig, *,
+                   scaling: dict[str, tuple[float, float]] | None,
+                   labelled: bool = False) -> EncodedRecords:
+    """Every record of ``corpus`` encoded as the run's clients encoded theirs: the same
+    tokenizer and truncation; numeric values standardised by ``scaling`` (public values
+    fixed in advance), or, with None, by the statistics of each site's own records, as a
+    site computes them (``local_scaling``): per ``client`` when the file has that column,
+    else over the whole file. ``labelled``: the records' labels as the run's class indices
+    (a DataError for a class the run does not have)."""
+    every = np.arange(len(corpus), dtype=np.int64)
+    if corpus.kind == "text":
+        return EncodedRecords(_encode_text(corpus, config, every, labelled=labelled))
+    n_features = len(corpus.feature_names)
+    mean, std = np.zeros((len(corpus), n_features)), np.ones((len(corpus), n_features))
+    if scaling is not None:
+        mean[:], std[:] = _fixed_scaling(scaling, corpus.feature_names)
+        groups = [every]
+    else:
+        sites = corpus.clients if corpus.clients is not None else np.zeros(len(corpus))
+        groups = [every[sites == site] for site in dict.fromkeys(sites.tolist())]
+        for idx in groups:
+            mean[idx], std[idx] = local_scaling([corpus.values[i] for i in idx])
+    parts = [_encode_series(corpus, config, idx, mean[idx[0]], std[idx[0]], labelled=labelled)
+             for idx in groups]
+    order = np.argsort(np.concatenate(groups), kind="stable")  # back to the file's order
+    width = max(p.inputs.shape[1] for p in parts)
+    inputs = torch.cat([torch.nn.functional.pad(p.inputs, (0, 0, 0, width - p.inputs.shape[1]))
+                        for p in parts])
+    tensors = SequenceTensors(inputs, torch.cat([p.lengths for p in parts]),
+                              torch.cat([p.labels for p in parts]))
+    return EncodedRecords(tensors.subset(order), mean=mean, std=std)
+
+
+def _fixed_scaling(scaling: dict[str, tuple[float, float]], names: tuple[str, ...]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([scaling[f][0] for f in names]), np.array([scaling[f][1] for f in names]))
+
+
+def _labels_of(corpus: Corpus, config: RunConfig, idx: np.ndarray, *, labelled: bool
+               ) -> torch.Tensor:
+    if not labelled:
+        return torch.full((len(idx),), -1, dtype=torch.long)
+    if corpus.labels is None:
+        raise DataError(corpus.source, f"task {config.task} needs a 'label' for every record")
+    label_index = {name: i for i, name in enumerate(config.label_names)}
+    unknown = sorted({corpus.labels[i] for i in idx} - set(label_index))
+    if unknown:
+        raise DataError(corpus.source, f"label(s) {', '.join(unknown)} are not among the "
+                                       f"run's labels {config.labels}")
+    return torch.tensor([label_index[corpus.labels[i]] for i in idx], dtype=torch.long)
+
+
+def _encode_text(corpus: Corpus, config: RunConfig, idx: np.ndarray, *,
+                 labelled: bool | None = None) -> SequenceTensors:
+    tokenizer = make_tokenizer(config.tokenizer, config.vocab_size)
+    tokens, lengths = encode_text([corpus.texts[i] for i in idx], tokenizer, config.max_len)
+    if labelled is None:
+        labelled = get_task(config.task).uses_labels
+    return SequenceTensors(tokens, lengths, _labels_of(corpus, config, idx, labelled=labelled))
+
+
+def _encode_series(corpus: Corpus, config: RunConfig, idx: np.ndarray, mean: np.ndarray,
+                   std: np.ndarray, *, labelled: bool | None = None) -> SequenceTensors:
+    inputs, lengths = encode_series([corpus.values[i] for i in idx],
+                                    [corpus.times[i] for i in idx],
+                                    mean=mean, std=std, max_len=config.max_len)
+    if labelled is None:
+        labelled = get_task(config.task).uses_labels
+    return SequenceTensors(inputs, lengths, _labels_of(corpus, config, idx, labelled=labelled))

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -85,6 +86,15 @@ class Task(ABC):
     def released_metrics(self, *, loss: float, score: float) -> dict[str, float]:
         """The task's metrics (without ``loss`` and ``num-examples``) from a released mean
         loss and mean score: post-processing only."""
+
+    # --- using a trained model (fedrnn predict) ------------------------------------------
+    @abstractmethod
+    def predict(self, model: nn.Module, batch: Batch, config: RunConfig, *,
+                mean: np.ndarray | None = None, std: np.ndarray | None = None,
+                ) -> dict[str, list]:
+        """Named columns of ``model``'s predictions for each record of ``batch`` (in eval
+        mode, without gradients). ``mean``/``std`` [B, F]: each numeric record's
+        standardisation, to report values in the data's own units."""
 
     # --- data -----------------------------------------------------------------------------
     def check_flags(self, config: RunConfig) -> None:  # noqa: B027  (optional: no check)

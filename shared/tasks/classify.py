@@ -63,6 +63,18 @@ class Classify(Task):
             metrics["auroc"] = math.nan if auc is None else auc
         return metrics
 
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch: Batch, config: RunConfig, *,
+                mean: np.ndarray | None = None, std: np.ndarray | None = None,
+                ) -> dict[str, list]:
+        """``p_<label>`` per class (summing to 1) and ``label``, the most likely."""
+        inputs, lengths, _ = batch
+        probs = torch.softmax(model(trim(inputs, lengths), lengths), -1)  # [B, classes]
+        names = config.label_names
+        columns = {f"p_{name}": probs[:, i].tolist() for i, name in enumerate(names)}
+        columns["label"] = [names[i] for i in probs.argmax(-1).tolist()]
+        return columns
+
     def record_scores(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         inputs, lengths, labels = batch
         logits = model(trim(inputs, lengths), lengths)

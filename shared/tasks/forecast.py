@@ -10,12 +10,13 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.errors import ConfigError, DataError
-from fedrnn.shared.tasks.base import Batch, Task, next_step, record_mean
+from fedrnn.shared.tasks.base import Batch, Task, next_step, record_mean, trim
 from fedrnn.shared.tasks.registry import register_task
 
 if TYPE_CHECKING:
@@ -61,6 +62,19 @@ class Forecast(Task):
             count += mask.sum().item()
         return {"num-examples": int(count), "loss": total / count if count else math.nan,
                 "mae": abs_err / count if count else math.nan}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch: Batch, config: RunConfig, *,
+                mean: np.ndarray | None = None, std: np.ndarray | None = None,
+                ) -> dict[str, list]:
+        """``next_<feature>``: the value each feature is predicted to take at the step after
+        a record's last, in the data's units (``mean``/``std``; standardised without)."""
+        inputs, lengths, _ = batch
+        out = model(trim(inputs, lengths), lengths)  # [B, T, F]: step t predicts t+1
+        z = out[torch.arange(len(lengths)), lengths - 1].double().numpy()  # [B, F]
+        values = z * std + mean if mean is not None and std is not None else z
+        return {f"next_{name}": values[:, j].tolist()
+                for j, name in enumerate(config.feature_names)}
 
     def record_scores(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         pred, target, mask = _observed_next(model, batch)

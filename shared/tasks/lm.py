@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +58,16 @@ class LanguageModel(Task):
                 "accuracy": correct / count if count else math.nan,
                 "perplexity": math.exp(min(mean_loss, MAX_LOG_PERPLEXITY)) if count
                 else math.nan}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch: Batch, config: RunConfig, *,
+                mean: np.ndarray | None = None, std: np.ndarray | None = None,
+                ) -> dict[str, list]:
+        """``loss``: each record's mean cross-entropy per predicted token (its end
+        included), and its ``perplexity``."""
+        losses = self.record_losses(model, batch).tolist()
+        return {"loss": losses,
+                "perplexity": [math.exp(min(x, MAX_LOG_PERPLEXITY)) for x in losses]}
 
     def record_scores(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         pred, target, mask = next_step(model, batch)
