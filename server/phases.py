@@ -34,6 +34,7 @@ from fedrnn.server.strategy import EPSILON_MAX, build_strategy, user_level_relea
 from fedrnn.server.validation import Shape, check_evaluate_reply, check_train_reply, uniform_weight
 from fedrnn.shared import protocol as P
 from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data import partition_sizes
 from fedrnn.shared.errors import FedrnnError
 from fedrnn.shared.models import build_model
 from fedrnn.shared.plots import import_in_background
@@ -109,7 +110,8 @@ class Federation:
         if is_simulation(grid):  # the server draws the clients; the nodes are worker slots
             wait_for_nodes(grid, simulation_slots(config))
             grid.pull_interval = 0.01  # its 0.1 s default idles up to 0.2 s of every round
-            self.sampler = ClientSampler(nodes_in_partition_order(grid), config, slots=True)
+            self.sampler = ClientSampler(nodes_in_partition_order(grid), config, slots=True,
+                                         sizes=partition_sizes(config))
         self.timeout = config.round_timeout or None
         # In a simulation a round's evaluation and the next round's training go out
         # together: both start from the weights the round's training produced and their

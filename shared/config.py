@@ -70,8 +70,9 @@ class RunConfig:
     labels: str = _opt("", "comma-separated class names (filled from the data when empty)")
     features: str = _opt("", "comma-separated numeric feature columns (filled from the data)")
     partitioner: str = _opt("auto", "how records are split into clients: auto uses the "
-                            "'client' column when present, else iid; record: one client per "
-                            "record; dirichlet: label skew; quantity: size skew", PARTITIONERS)
+                            "'client' column when present, else iid (natural: a client of one "
+                            "record trains or evaluates); record: one client per record; "
+                            "dirichlet: label skew; quantity: size skew", PARTITIONERS)
     dirichlet_alpha: float = _opt(0.5, "skew of the dirichlet (labels) and quantity (sizes) "
                                   "partitioners (smaller = more)")
     eval_fraction: float = _opt(0.2, "share of each client's sequences held out for evaluation")

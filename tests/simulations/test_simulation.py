@@ -210,3 +210,18 @@ def test_program_interrupted_stops_at_once_leaving_no_ray_process(tmp_path):
         if proc is not None and proc.poll() is None:
             proc.kill()
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_simulate_long_tailed_speakers(tmp_path, long_tailed_jsonl, capsys):
+    """Most speakers wrote once, some only empty messages: the run goes on without them."""
+    out = tmp_path / "speakers"
+    code = main(["simulate", "--data", str(long_tailed_jsonl), "--task", "lm", "--rounds", "1",
+                 "--clients-per-round", "4", "--eval-clients-per-round", "4",
+                 "--hidden-size", "8", "--embedding-dim", "4", "--noise-multiplier", "1.0",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "2 of 45 clients hold no usable record" in err
+    row = _rows(out)[0]
+    assert row["clients"] == 4 and row["dropped"] == 0 and math.isfinite(row["loss"])
