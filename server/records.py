@@ -4,6 +4,7 @@
 - ``metrics.jsonl``: one JSON object per round, appended as each round ends;
 - ``summary.json``: ``final`` metrics and the ``privacy`` spent;
 - ``model.pt``: the final global ``state_dict``;
+- ``model_best.pt``: with early stopping, the ``state_dict`` of the best round;
 - ``metrics.png``: the task's metrics and epsilon over rounds;
 - ``checkpoint.pt``: the state after the last completed round (``server.checkpoint``).
 Files are written to a temporary name and renamed, so none is ever half-written.
@@ -53,14 +54,19 @@ class RunRecord:
         with (self.dir / METRICS_FILE).open("a") as fh:
             fh.write(row.to_line())
 
-    def finish(self, state_dict: dict[str, torch.Tensor], privacy: PrivacySummary) -> None:
-        buffer = io.BytesIO()
-        torch.save(state_dict, buffer)
-        write_atomic(self.dir / "model.pt", buffer.getvalue())
+    def finish(self, state_dict: dict[str, torch.Tensor], privacy: PrivacySummary, *,
+               best_round: int | None = None, stopped_early: bool = False,
+               best_state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        for name, weights in (("model.pt", state_dict), ("model_best.pt", best_state_dict)):
+            if weights is not None:
+                buffer = io.BytesIO()
+                torch.save(weights, buffer)
+                write_atomic(self.dir / name, buffer.getvalue())
         final = {k: v for k, v in (self.rows[-1].metrics if self.rows else {}).items()
                  if k in METRICS[self.config.task]}
         summary = RunSummary(final=final, rounds=len(self.rows),
-                             clients_total=self.config.clients, privacy=privacy)
+                             clients_total=self.config.clients, privacy=privacy,
+                             best_round=best_round, stopped_early=stopped_early)
         write_atomic(self.dir / SUMMARY_FILE, json.dumps(summary.to_json(), indent=2).encode())
         self.plot()
 

@@ -42,7 +42,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "model": ("model", "nonlinearity", "hidden_size", "num_layers", "dropout", "embedding_dim"),
     "federation": ("rounds", "clients_per_round", "eval_clients_per_round", "strategy",
                    "server_lr", "trim_beta", "krum_byzantine", "local_epochs", "batch_size",
-                   "optimizer", "lr"),
+                   "optimizer", "lr", "early_stopping_patience", "early_stopping_metric",
+                   "early_stopping_min_delta"),
     "faults": ("dropout_rate", "straggler_rate", "attack", "attack_rate", "attack_scale",
                "straggler_delay"),
     "privacy": ("dp", "epsilon", "delta", "noise_multiplier", "clip_norm", "accountant",
@@ -99,6 +100,15 @@ class RunConfig:
     batch_size: int = _opt(64, "expected batch size (Poisson sampling rate = batch/records)")
     optimizer: str = _opt("adam", "client optimizer", OPTIMIZERS)
     lr: float = _opt(0.01, "client learning rate")
+    early_stopping_patience: int = _opt(0, "stop once the federated evaluation's "
+                                        "early-stopping-metric has not improved for this "
+                                        "many rounds (0 = off); the best round's weights "
+                                        "are kept as model_best.pt")
+    early_stopping_metric: str = _opt("", "metric early stopping watches (empty: the task's "
+                                      "main one: auroc, loss for lm, mae); loss, perplexity "
+                                      "and mae improve downwards, accuracy and auroc upwards")
+    early_stopping_min_delta: float = _opt(0.0, "smallest change of the metric that counts as "
+                                           "an improvement")
     # --- faults (simulation) ----------------------------------------------------------------
     dropout_rate: float = _opt(0.0, "share of sampled sites that fail mid-round: after charging "
                                "their ledger and training, before replying")
@@ -168,6 +178,10 @@ class RunConfig:
         if asked and asked.server_clips_and_noises and not (
                 0 < self.user_noise_multiplier < math.inf and 0 < self.user_clip_norm < math.inf):
             problems.append("user-noise-multiplier and user-clip-norm must be positive numbers")
+        if self.early_stopping_patience < 0:
+            problems.append("early-stopping-patience must be 0 (off) or positive")
+        if not 0 <= self.early_stopping_min_delta < math.inf:
+            problems.append("early-stopping-min-delta must be a number >= 0")
         if not self.round_timeout >= 0:
             problems.append("round-timeout must be >= 0")
         if not (0 < self.eval_fraction < 1):

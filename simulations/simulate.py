@@ -36,6 +36,7 @@ def prepare(config: RunConfig) -> RunConfig:
     """
     from fedrnn.server.federation import default_out_dir
     from fedrnn.server.sampling import ClientSampler
+    from fedrnn.server.stopping import watched_metric
     from fedrnn.shared.data import (
         client_data,
         partition_corpus,
@@ -45,6 +46,7 @@ def prepare(config: RunConfig) -> RunConfig:
     )
 
     config = resolve(config)
+    watched_metric(config)  # a metric the task does not report: stop before Ray works
     names, _ = partition_corpus(config)
     warning, info = partition_notes(config)
     if warning:

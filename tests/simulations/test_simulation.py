@@ -225,3 +225,23 @@ def test_simulate_long_tailed_speakers(tmp_path, long_tailed_jsonl, capsys):
     assert "2 of 45 clients hold no usable record" in err
     row = _rows(out)[0]
     assert row["clients"] == 4 and row["dropped"] == 0 and math.isfinite(row["loss"])
+
+
+@pytest.mark.e2e
+def test_early_stopping_keeps_the_best_round_and_charges_no_round_not_run(tmp_path, capsys):
+    out = tmp_path / "stopped"
+    # no later round beats the first by 100: round 2 is stale and, with patience 1, the
+    # run stops. Round 3 was sent before round 2's evaluation came in, so it is finished.
+    code = main(["simulate", "--dataset", "synthetic", "--task", "classify", "--rounds", "6",
+                 "--clients", "2", "--hidden-size", "8", "--batch-size", "16",
+                 "--epsilon", "4", "--early-stopping-patience", "1",
+                 "--early-stopping-metric", "loss", "--early-stopping-min-delta", "100",
+                 "--out", str(out)])
+    assert code == 0
+    assert [r["round"] for r in _rows(out)] == [1, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["best_round"], summary["stopped_early"], summary["rounds"]) == (1, True, 3)
+    assert (out / "model_best.pt").exists() and (out / "model.pt").exists()
+    for releases in releases_by_site(out / "ledgers").values():
+        assert {r.round for r in releases} <= {1, 2, 3}
+    assert "early stopping: loss has not improved for 1 round(s)" in capsys.readouterr().err
