@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from fedrnn.server import checkpoint
+from fedrnn.server.initial import initial_weights
 from fedrnn.server.messaging import Phase, push, receive
 from fedrnn.server.records import RunRecord
 from fedrnn.server.sampling import (
@@ -88,7 +89,7 @@ class Federation:
 
     def __init__(self, grid: Grid, config: RunConfig) -> None:
         self.grid, self.config = grid, config
-        self.arrays = ArrayRecord(build_model(config).state_dict())
+        self.arrays = ArrayRecord(initial_weights(config))  # a resume replaces them below
         self.strategy = build_strategy(config, available=config.clients,
                                        server_draws=is_simulation(grid))
         self.user_history: History = []

@@ -43,7 +43,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "federation": ("rounds", "clients_per_round", "eval_clients_per_round", "strategy",
                    "server_lr", "trim_beta", "krum_byzantine", "local_epochs", "batch_size",
                    "optimizer", "lr", "early_stopping_patience", "early_stopping_metric",
-                   "early_stopping_min_delta"),
+                   "early_stopping_min_delta", "init_from", "reset_head"),
     "faults": ("dropout_rate", "straggler_rate", "attack", "attack_rate", "attack_scale",
                "straggler_delay"),
     "privacy": ("dp", "epsilon", "delta", "noise_multiplier", "clip_norm", "accountant",
@@ -109,6 +109,10 @@ class RunConfig:
                                       "and mae improve downwards, accuracy and auroc upwards")
     early_stopping_min_delta: float = _opt(0.0, "smallest change of the metric that counts as "
                                            "an improvement")
+    init_from: str = _opt("", "start from earlier weights: a run directory or a model.pt "
+                          "of the same architecture")
+    reset_head: bool = _opt(False, "with init-from, re-initialise the output layer (done "
+                            "anyway, with a warning, when the labels differ)")
     # --- faults (simulation) ----------------------------------------------------------------
     dropout_rate: float = _opt(0.0, "share of sampled sites that fail mid-round: after charging "
                                "their ledger and training, before replying")

@@ -35,6 +35,7 @@ def prepare(config: RunConfig) -> RunConfig:
     clients, encoding all of them up front would cost minutes and hold every tensor.
     """
     from fedrnn.server.federation import default_out_dir
+    from fedrnn.server.initial import initial_weights
     from fedrnn.server.sampling import ClientSampler
     from fedrnn.server.stopping import watched_metric
     from fedrnn.shared.data import (
@@ -47,6 +48,7 @@ def prepare(config: RunConfig) -> RunConfig:
 
     config = resolve(config)
     watched_metric(config)  # a metric the task does not report: stop before Ray works
+    initial_weights(config)  # weights that do not fit: one line, before Ray works
     names, _ = partition_corpus(config)
     warning, info = partition_notes(config)
     if warning:

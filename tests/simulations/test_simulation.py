@@ -245,3 +245,20 @@ def test_early_stopping_keeps_the_best_round_and_charges_no_round_not_run(tmp_pa
     for releases in releases_by_site(out / "ledgers").values():
         assert {r.round for r in releases} <= {1, 2, 3}
     assert "early stopping: loss has not improved for 1 round(s)" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_init_from_a_finished_run_starts_where_it_ended(tmp_path):
+    common = ["simulate", "--dataset", "synthetic", "--task", "classify", "--clients", "2",
+              "--hidden-size", "8", "--batch-size", "16", "--no-dp", "--lr", "0.05"]
+    first, fresh, resumed = tmp_path / "first", tmp_path / "fresh", tmp_path / "from-first"
+    assert main([*common, "--rounds", "4", "--out", str(first)]) == 0
+    assert main([*common, "--rounds", "1", "--seed", "1", "--out", str(fresh)]) == 0
+    assert main([*common, "--rounds", "1", "--seed", "1", "--init-from", str(first),
+                 "--out", str(resumed)]) == 0
+    ended, fresh_loss = _rows(first)[-1]["loss"], _rows(fresh)[0]["loss"]
+    started = _rows(resumed)[0]["loss"]
+    assert ended < fresh_loss  # the first run learnt something
+    assert abs(started - ended) < 0.5 * (fresh_loss - ended)
+    assert main([*common, "--rounds", "1", "--hidden-size", "16", "--init-from", str(first),
+                 "--out", str(tmp_path / "wrong")]) == 2
