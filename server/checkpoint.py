@@ -3,7 +3,8 @@
 Written atomically after every round (``checkpoint.pt`` in the run directory), so a server
 killed at any moment restarts from the last round it completed, not from scratch:
 global weights, the server optimiser's state (FedAdam's moments), the user-level
-accounting history and the random generators' states.
+accounting history, the random generators' states and early stopping's state (the best
+round so far and its weights).
 
 Sites keep their own privacy state in their ledgers; nothing here is needed for it.
 """
@@ -34,6 +35,8 @@ class Checkpoint:
     strategy: dict[str, Any] = field(default_factory=dict)
     user_history: list[tuple[float, float, int]] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)
+    stopping: dict[str, Any] = field(default_factory=dict)  # server.stopping's state_dict
+    best_weights: dict[str, torch.Tensor] | None = None  # the best round's, with early stopping
 
 
 def save(run_dir: str | Path, checkpoint: Checkpoint) -> None:
@@ -59,7 +62,7 @@ def load(run_dir: str | Path) -> Checkpoint | None:
     # Our own file, written by ``save``: it holds numpy arrays and random states, which
     # the weights-only unpickler refuses.
     state = torch.load(path, weights_only=False)
-    return Checkpoint(**state)
+    return Checkpoint(**state)  # a checkpoint of an older version lacks the new fields
 
 
 def strategy_state(strategy: object) -> dict[str, Any]:

@@ -73,8 +73,10 @@ def _configure_server(parser: argparse.ArgumentParser) -> None:
 
 def _run_server(args: argparse.Namespace) -> int:
     from fedrnn.server.deploy import ServerOptions, run_server
+    from fedrnn.server.stopping import watched_metric
 
     config = config_from_args(args)
+    watched_metric(config)  # one line and exit 2, before the SuperLink starts
     if args.dataset is None and config.dataset == RunConfig().dataset and (
             config.labels or config.features or config.task == "lm"):
         # a schema given by flags, without --dataset: a run on the sites' own records

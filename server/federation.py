@@ -37,7 +37,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     In a simulation (``Federation.pipelined``) a round's evaluation and the next round's
     training are in flight together, so the round is recorded one iteration later, once
     the next round's training replies are in; a deployment records each round before the
-    next one's training is sent.
+    next one's training is sent. With early stopping each round is recorded before the
+    round after next is sent, so a run that stops sends no round it does not finish.
     """
     config = resolve(config)
     if not config.out:
@@ -46,13 +47,21 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         config = config.replace(run_id=f"{Path(config.out).name}-{uuid.uuid4().hex[:8]}")
     _seed(grid, config)
     run = Federation(grid, config)
+    if run.stopping.stopped:  # resumed after the round that stopped it: nothing left to send
+        return run.finish()
     training = run.push_training(run.first_round)
     waiting: Trained | None = None  # a round trained and aggregated, its evaluation out
     for server_round in range(run.first_round, config.rounds + 1):
         received = run.receive_training(training, waiting)
         train_metrics = run.aggregate(server_round, received)
         evaluating = run.push_evaluation(server_round)
-        go_on = server_round < config.rounds and not run.out_of_budget
+        if waiting is not None and run.stopping.active:
+            # whether to stop is decided on the round before, before the next round's
+            # training is sent: sites charge their ledgers for a round when it reaches them
+            run.record_round(waiting)
+            waiting = None
+        go_on = (server_round < config.rounds and not run.out_of_budget
+                 and not run.stopping.stopped)
         # a restart from this round's checkpoint resumes with the generators as they are
         # before the next round's training draws from them
         rng = checkpoint.rng_state()
@@ -67,6 +76,12 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             log.warning("every site's privacy budget is spent: stopping after round %d "
                         "(fedrnn audit %s shows each site's spend)", server_round,
                         run.record.dir)
+            break
+        if run.stopping.stopped:
+            log.warning("early stopping: %s has not improved for %d round(s); stopping after "
+                        "round %d of %d (best: round %s, model_best.pt)", run.stopping.metric,
+                        run.stopping.patience, server_round, config.rounds,
+                        run.stopping.best_round)
             break
         if go_on and training is None:
             training = run.push_training(server_round + 1)

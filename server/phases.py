@@ -9,6 +9,7 @@ row in ``metrics.jsonl``, its checkpoint on disk, its progress line).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import math
@@ -17,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from fedrnn.server import checkpoint
+from fedrnn.server.initial import initial_weights
 from fedrnn.server.messaging import Phase, push, receive
 from fedrnn.server.records import RunRecord
 from fedrnn.server.sampling import (
@@ -30,10 +33,12 @@ from fedrnn.server.sampling import (
     simulation_slots,
     wait_for_nodes,
 )
+from fedrnn.server.stopping import EarlyStopping
 from fedrnn.server.strategy import EPSILON_MAX, build_strategy, user_level_release
 from fedrnn.server.validation import Shape, check_evaluate_reply, check_train_reply, uniform_weight
 from fedrnn.shared import protocol as P
 from fedrnn.shared.config import RunConfig
+from fedrnn.shared.data import partition_sizes
 from fedrnn.shared.errors import FedrnnError
 from fedrnn.shared.models import build_model
 from fedrnn.shared.plots import import_in_background
@@ -72,7 +77,7 @@ class Trained:
     timed_out: list[int]
     rejected_ids: list[int]  # partition ids whose reply failed the server's checks
     user_history: History
-    checkpoint: bytes
+    checkpoint: checkpoint.Checkpoint  # the state after this round's aggregation, a copy
 
 
 class Federation:
@@ -84,12 +89,14 @@ class Federation:
 
     def __init__(self, grid: Grid, config: RunConfig) -> None:
         self.grid, self.config = grid, config
-        self.arrays = ArrayRecord(build_model(config).state_dict())
+        self.arrays = ArrayRecord(initial_weights(config))  # a resume replaces them below
         self.strategy = build_strategy(config, available=config.clients,
                                        server_draws=is_simulation(grid))
         self.user_history: History = []
         self.exhausted: set[int] = set()  # partition ids of sites that declined (budget)
         self.first_round = 1
+        self.stopping = EarlyStopping.of(config)
+        self.best_weights: dict[str, torch.Tensor] | None = None  # with early stopping
         saved = checkpoint.load(config.out)
         if saved is not None:
             # A restarted server goes on from the last round it completed.
@@ -97,6 +104,9 @@ class Federation:
             checkpoint.restore_strategy(self.strategy, saved.strategy)
             checkpoint.restore_rng(saved.rng)
             self.user_history = list(saved.user_history)
+            if saved.stopping:
+                self.stopping.load_state_dict(saved.stopping)
+                self.best_weights = saved.best_weights
             self.first_round = saved.server_round + 1
             log.info("resuming %s after round %d", config.out, saved.server_round)
         self.record = RunRecord(config.out, config, resume_after=self.first_round - 1)
@@ -109,7 +119,8 @@ class Federation:
         if is_simulation(grid):  # the server draws the clients; the nodes are worker slots
             wait_for_nodes(grid, simulation_slots(config))
             grid.pull_interval = 0.01  # its 0.1 s default idles up to 0.2 s of every round
-            self.sampler = ClientSampler(nodes_in_partition_order(grid), config, slots=True)
+            self.sampler = ClientSampler(nodes_in_partition_order(grid), config, slots=True,
+                                         sizes=partition_sizes(config))
         self.timeout = config.round_timeout or None
         # In a simulation a round's evaluation and the next round's training go out
         # together: both start from the weights the round's training produced and their
@@ -188,10 +199,12 @@ class Federation:
             timed_out=received.partitions(lost["timed_out"]),
             rejected_ids=received.partitions(lost["rejected"]),
             user_history=list(self.user_history),
-            checkpoint=checkpoint.encode(checkpoint.Checkpoint(
+            # fresh tensors, and the strategy's state copied: the next round's aggregation
+            # must not reach this round's checkpoint
+            checkpoint=checkpoint.Checkpoint(
                 server_round=server_round, weights=self.arrays.to_torch_state_dict(),
-                strategy=checkpoint.strategy_state(self.strategy),
-                user_history=list(self.user_history), rng=rng)))
+                strategy=copy.deepcopy(checkpoint.strategy_state(self.strategy)),
+                user_history=list(self.user_history), rng=rng))
 
     def record_round(self, done: Trained) -> None:
         """Take ``done``'s evaluation, write its row and checkpoint, show its progress line."""
@@ -225,7 +238,11 @@ class Federation:
                 evaluating.partitions.get(n, n) for n in lost["rejected"])}),
             seconds=round(now - self.last_row_at, 3))
         self.record.add_round(row)
-        checkpoint.write(self.record.dir, done.checkpoint)
+        if self.stopping.update(done.server_round, metrics) and self.stopping.active:
+            self.best_weights = done.checkpoint.weights
+        done.checkpoint.stopping = self.stopping.state_dict()
+        done.checkpoint.best_weights = self.best_weights
+        checkpoint.write(self.record.dir, checkpoint.encode(done.checkpoint))
         log.info("%s", progress_line(row, config))
         self.last_row_at = now
 
@@ -234,7 +251,17 @@ class Federation:
         config = self.config
         final_model = build_model(config)
         final_model.load_state_dict(self.arrays.to_torch_state_dict())
-        self.record.finish(final_model.state_dict(), privacy=self.privacy_summary())
+        stopping = self.stopping
+        best = None
+        if stopping.active and self.best_weights is not None:
+            best = build_model(config)
+            best.load_state_dict(self.best_weights)
+        elif stopping.active:
+            log.warning("early stopping saw no defined %s in any round; choose another "
+                        "--early-stopping-metric", stopping.metric)
+        self.record.finish(final_model.state_dict(), privacy=self.privacy_summary(),
+                           best_round=stopping.best_round, stopped_early=stopping.stopped,
+                           best_state_dict=None if best is None else best.state_dict())
         # summary.json marks the end
         (self.record.dir / checkpoint.CHECKPOINT).unlink(missing_ok=True)
         if self.exhausted:

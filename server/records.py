@@ -5,6 +5,8 @@
 - ``summary.json``: ``final`` metrics and the ``privacy`` spent;
 - ``model.pt``: the final global ``state_dict``;
 - ``model.json``: its card (``shared.model_card``): all that uses the model away from the run;
+- ``model_best.pt``: with early stopping, the ``state_dict`` of the best round (the same
+  card describes it);
 - ``metrics.png``: the task's metrics and epsilon over rounds;
 - ``checkpoint.pt``: the state after the last completed round (``server.checkpoint``).
 Files are written to a temporary name and renamed, so none is ever half-written.
@@ -12,6 +14,7 @@ Files are written to a temporary name and renamed, so none is ever half-written.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -31,6 +34,8 @@ from fedrnn.shared.run_records import (
     read_rows,
 )
 from fedrnn.shared.tasks import METRICS
+
+BEST_WEIGHTS_FILE = "model_best.pt"
 
 
 class RunRecord:
@@ -54,12 +59,19 @@ class RunRecord:
         with (self.dir / METRICS_FILE).open("a") as fh:
             fh.write(row.to_line())
 
-    def finish(self, state_dict: dict[str, torch.Tensor], privacy: PrivacySummary) -> None:
+    def finish(self, state_dict: dict[str, torch.Tensor], privacy: PrivacySummary, *,
+               best_round: int | None = None, stopped_early: bool = False,
+               best_state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        if best_state_dict is not None:
+            buffer = io.BytesIO()
+            torch.save(best_state_dict, buffer)
+            write_atomic(self.dir / BEST_WEIGHTS_FILE, buffer.getvalue())
         write_model(self.dir, self.card(privacy), state_dict)
         final = {k: v for k, v in (self.rows[-1].metrics if self.rows else {}).items()
                  if k in METRICS[self.config.task]}
         summary = RunSummary(final=final, rounds=len(self.rows),
-                             clients_total=self.config.clients, privacy=privacy)
+                             clients_total=self.config.clients, privacy=privacy,
+                             best_round=best_round, stopped_early=stopped_early)
         write_atomic(self.dir / SUMMARY_FILE, json.dumps(summary.to_json(), indent=2).encode())
         self.plot()
 

@@ -35,7 +35,7 @@ from flwr.serverapp import Grid
 
 from fedrnn.shared import protocol as P
 from fedrnn.shared.config import RunConfig
-from fedrnn.shared.data.partition import is_holdout_client
+from fedrnn.shared.data.partition import phase_roles
 from fedrnn.shared.errors import FedrnnError
 
 log = logging.getLogger("fedrnn")
@@ -93,18 +93,21 @@ class ClientSampler:
     evaluation: the ones after them; ``phase_slots``). Otherwise node ``i`` is client ``i``.
     """
 
-    def __init__(self, nodes: Sequence[int], config: RunConfig, *, slots: bool = False) -> None:
+    def __init__(self, nodes: Sequence[int], config: RunConfig, *, slots: bool = False,
+                 sizes: Sequence[int] | None = None) -> None:
+        """``sizes``: each client's record count where the server knows it (a simulation);
+        a client of one record either trains or evaluates (its record is held out), and
+        sampling it for a phase it has no record for would waste a slot."""
         self.nodes = list(nodes)
         self.slots = slots
         self.seed = config.seed
         ids = np.arange(config.clients if slots else len(self.nodes))
-        if config.partitioner == "record":
-            # One record per client: a client either trains or evaluates (its record is
-            # held out); sampling a client for a phase it has no records for wastes a slot.
-            holdout = np.array([is_holdout_client(int(i), seed=config.seed,
-                                                  eval_fraction=config.eval_fraction)
-                                for i in ids], dtype=bool)
-            self.candidates = {"train": ids[~holdout], "evaluate": ids[holdout]}
+        if sizes is None and config.partitioner == "record":
+            sizes = [1] * len(ids)
+        if sizes is not None:
+            trains, evaluates = phase_roles(np.asarray(sizes)[ids], seed=config.seed,
+                                            eval_fraction=config.eval_fraction)
+            self.candidates = {"train": ids[trains], "evaluate": ids[evaluates]}
         else:
             self.candidates = {"train": ids, "evaluate": ids}
         self.sizes = {"train": config.clients_per_round, "evaluate": config.eval_per_round}

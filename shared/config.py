@@ -42,7 +42,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "model": ("model", "nonlinearity", "hidden_size", "num_layers", "dropout", "embedding_dim"),
     "federation": ("rounds", "clients_per_round", "eval_clients_per_round", "strategy",
                    "server_lr", "trim_beta", "krum_byzantine", "local_epochs", "batch_size",
-                   "optimizer", "lr"),
+                   "optimizer", "lr", "early_stopping_patience", "early_stopping_metric",
+                   "early_stopping_min_delta", "init_from", "reset_head"),
     "faults": ("dropout_rate", "straggler_rate", "attack", "attack_rate", "attack_scale",
                "straggler_delay"),
     "privacy": ("dp", "epsilon", "delta", "noise_multiplier", "clip_norm", "accountant",
@@ -70,8 +71,9 @@ class RunConfig:
     labels: str = _opt("", "comma-separated class names (filled from the data when empty)")
     features: str = _opt("", "comma-separated numeric feature columns (filled from the data)")
     partitioner: str = _opt("auto", "how records are split into clients: auto uses the "
-                            "'client' column when present, else iid; record: one client per "
-                            "record; dirichlet: label skew; quantity: size skew", PARTITIONERS)
+                            "'client' column when present, else iid (natural: a client of one "
+                            "record trains or evaluates); record: one client per record; "
+                            "dirichlet: label skew; quantity: size skew", PARTITIONERS)
     dirichlet_alpha: float = _opt(0.5, "skew of the dirichlet (labels) and quantity (sizes) "
                                   "partitioners (smaller = more)")
     eval_fraction: float = _opt(0.2, "share of each client's sequences held out for evaluation")
@@ -98,6 +100,19 @@ class RunConfig:
     batch_size: int = _opt(64, "expected batch size (Poisson sampling rate = batch/records)")
     optimizer: str = _opt("adam", "client optimizer", OPTIMIZERS)
     lr: float = _opt(0.01, "client learning rate")
+    early_stopping_patience: int = _opt(0, "stop once the federated evaluation's "
+                                        "early-stopping-metric has not improved for this "
+                                        "many rounds (0 = off); the best round's weights "
+                                        "are kept as model_best.pt")
+    early_stopping_metric: str = _opt("", "metric early stopping watches (empty: the task's "
+                                      "main one: auroc, loss for lm, mae); loss, perplexity "
+                                      "and mae improve downwards, accuracy and auroc upwards")
+    early_stopping_min_delta: float = _opt(0.0, "smallest change of the metric that counts as "
+                                           "an improvement")
+    init_from: str = _opt("", "start from earlier weights: a run directory or a model.pt "
+                          "of the same architecture")
+    reset_head: bool = _opt(False, "with init-from, re-initialise the output layer (done "
+                            "anyway, with a warning, when the labels differ)")
     # --- faults (simulation) ----------------------------------------------------------------
     dropout_rate: float = _opt(0.0, "share of sampled sites that fail mid-round: after charging "
                                "their ledger and training, before replying")
@@ -167,6 +182,10 @@ class RunConfig:
         if asked and asked.server_clips_and_noises and not (
                 0 < self.user_noise_multiplier < math.inf and 0 < self.user_clip_norm < math.inf):
             problems.append("user-noise-multiplier and user-clip-norm must be positive numbers")
+        if self.early_stopping_patience < 0:
+            problems.append("early-stopping-patience must be 0 (off) or positive")
+        if not 0 <= self.early_stopping_min_delta < math.inf:
+            problems.append("early-stopping-min-delta must be a number >= 0")
         if not self.round_timeout >= 0:
             problems.append("round-timeout must be >= 0")
         if not (0 < self.eval_fraction < 1):

@@ -197,17 +197,25 @@ class RunSummary:
     rounds: int  # rounds recorded in metrics.jsonl
     clients_total: int
     privacy: PrivacySummary
+    # the round whose evaluation was best by the early-stopping metric (its weights are
+    # model_best.pt when early stopping is on); None when no round's metric was defined
+    best_round: int | None = None
+    stopped_early: bool = False  # the run ended before its announced rounds (patience)
 
     def to_json(self) -> dict[str, Any]:
         return {"final": {k: json_value(v) for k, v in self.final.items()},
                 "rounds": self.rounds, "clients_total": self.clients_total,
-                "privacy": self.privacy.to_json()}
+                "privacy": self.privacy.to_json(), "best_round": self.best_round,
+                "stopped_early": self.stopped_early}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunSummary:
+        best = data.get("best_round")  # absent from the summaries of older versions
         return cls(final={k: _number(v) for k, v in data["final"].items()},
                    rounds=int(data["rounds"]), clients_total=int(data["clients_total"]),
-                   privacy=PrivacySummary.from_json(data["privacy"]))
+                   privacy=PrivacySummary.from_json(data["privacy"]),
+                   best_round=None if best is None else int(best),
+                   stopped_early=bool(data.get("stopped_early", False)))
 
 
 def read_rows(run_dir: str | Path) -> list[RoundRow]:

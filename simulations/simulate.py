@@ -35,11 +35,26 @@ def prepare(config: RunConfig) -> RunConfig:
     clients, encoding all of them up front would cost minutes and hold every tensor.
     """
     from fedrnn.server.federation import default_out_dir
+    from fedrnn.server.initial import initial_weights
     from fedrnn.server.sampling import ClientSampler
-    from fedrnn.shared.data import client_data, partition_corpus, resolve
+    from fedrnn.server.stopping import watched_metric
+    from fedrnn.shared.data import (
+        client_data,
+        partition_corpus,
+        partition_notes,
+        partition_sizes,
+        resolve,
+    )
 
     config = resolve(config)
+    watched_metric(config)  # a metric the task does not report: stop before Ray works
+    initial_weights(config)  # weights that do not fit: one line, before Ray works
     names, _ = partition_corpus(config)
+    warning, info = partition_notes(config)
+    if warning:
+        log.warning("%s", warning)
+    if info:
+        log.info("%s", info)
     if len(names) != config.clients:
         log.info("data has %d clients (%s); --clients ignored", len(names),
                  "one per record" if config.partitioner == "record" else "the 'client' column")
@@ -48,7 +63,8 @@ def prepare(config: RunConfig) -> RunConfig:
         if k > config.clients:
             raise ConfigError(f"clients-per-round {k} exceeds the {config.clients} clients")
     try:
-        ClientSampler(range(config.clients), config)  # enough sites for each phase?
+        # enough sites for each phase?
+        ClientSampler(range(config.clients), config, sizes=partition_sizes(config))
     except FedrnnError as exc:
         raise ConfigError(str(exc)) from None
     client_data(config, 0)  # fail here, not later inside a Ray worker

@@ -23,6 +23,19 @@ def text_jsonl(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def long_tailed_jsonl(tmp_path):
+    """Speakers as real messages have them: a few write often, most write once, and some
+    only ever sent an empty message."""
+    rows = [{"client": f"frequent-{i % 3}", "text": f"message {i} from a regular"}
+            for i in range(30)]
+    rows += [{"client": f"once-{i:02d}", "text": f"hello there {i}"} for i in range(40)]
+    rows += [{"client": f"silent-{i}", "text": " "} for i in range(2)]
+    path = tmp_path / "speakers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
 def series_csv(tmp_path: Path) -> Path:
     path = tmp_path / "vitals.csv"
     lines = ["client,sequence_id,time,hr,temp,label"]

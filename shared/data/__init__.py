@@ -3,6 +3,8 @@
 Public surface:
 - ``resolve(config)``: check the data against the task; fill ``labels``/``features``;
 - ``partition_corpus(config)``: client names and their record indices (simulation);
+- ``partition_sizes(config)``: each client's record count; ``partition_notes(config)``: what
+  a user should know of the split (clients left out, clients of one record);
 - ``client_data(config, partition_id)``: one client's train/eval tensors, cached per process;
 - ``site_data(config, path, secret=..., eval_fraction=...)``: a deployed site's train/eval
   tensors from its own file, split by the site's own key;
@@ -27,7 +29,7 @@ from fedrnn.shared.config import RunConfig
 from fedrnn.shared.data.builtin import load_builtin
 from fedrnn.shared.data.corpus import Corpus
 from fedrnn.shared.data.identity import held_out, record_keys, seeded_secret
-from fedrnn.shared.data.partition import is_holdout_client, partition
+from fedrnn.shared.data.partition import is_holdout_client, left_out_clients, partition
 from fedrnn.shared.data.readers import read_file
 from fedrnn.shared.data.tensors import SequenceTensors, encode_series, encode_text, local_scaling
 from fedrnn.shared.data.tokenizers import make_tokenizer
@@ -38,7 +40,7 @@ log = logging.getLogger("fedrnn")
 
 __all__ = ["ClientData", "Corpus", "EncodedRecords", "SequenceTensors", "check_kind",
            "check_schema", "client_data", "encode_records", "load_corpus", "partition_corpus",
-           "reference_scaling", "resolve", "site_data"]
+           "partition_notes", "partition_sizes", "reference_scaling", "resolve", "site_data"]
 
 
 def load_corpus(config: RunConfig) -> Corpus:
@@ -178,6 +180,26 @@ def _keys_cached(path: str, _mtime: int) -> list[str]:
 def partition_corpus(config: RunConfig) -> tuple[list[str], list[np.ndarray]]:
     """Client names and record indices, deterministic in ``config.seed``."""
     return _partition_cached(_data_only(config))
+
+
+def partition_sizes(config: RunConfig) -> np.ndarray:
+    """Each client's record count, in partition order."""
+    return np.array([len(p) for p in partition_corpus(config)[1]], dtype=np.int64)
+
+
+def partition_notes(config: RunConfig) -> tuple[str | None, str | None]:
+    """(warning, info) about the split, each one line or None: the natural partition's
+    clients left out for holding no usable record, and its clients of one record."""
+    corpus = load_corpus(config)
+    if config.partitioner not in ("auto", "natural") or corpus.clients is None:
+        return None, None
+    left_out, total = left_out_clients(corpus)
+    warning = (f"{corpus.source}: {left_out} of {total} clients hold no usable record "
+               "(only empty texts) and are left out" if left_out else None)
+    singles = int((partition_sizes(config) == 1).sum())
+    info = (f"{singles} of {total - left_out} clients hold one record: each trains or "
+            "evaluates with it, chosen by the seed" if singles else None)
+    return warning, info
 
 
 @functools.lru_cache(maxsize=2)

@@ -2,7 +2,9 @@
 
 Partitioners (``--partitioner``):
 
-- ``natural``: one client per distinct value of the ``client`` column;
+- ``natural``: one client per distinct value of the ``client`` column (a client of one
+  record trains or evaluates with it, as with ``record``; one with no usable record, only
+  empty texts, is left out);
 - ``record``: one client per record (cross-device: one person, one record);
 - ``iid``: records shuffled and dealt into ``clients`` equal parts;
 - ``dirichlet``: label skew, each class divided in Dirichlet(``dirichlet-alpha``) shares;
@@ -38,9 +40,13 @@ def partition(corpus: Corpus, config: RunConfig) -> tuple[list[str], list[np.nda
         if corpus.clients is None:
             raise DataError(corpus.source, "the natural partitioner needs a 'client' column; "
                                            "use --partitioner iid, dirichlet or quantity")
+        minimum = 1  # real data is long-tailed: many speakers write once
         names_arr, inverse = np.unique(corpus.clients.astype(str), return_inverse=True)
-        names = names_arr.tolist()
-        parts = _groups(inverse, len(names))
+        groups = _groups(inverse, len(names_arr))
+        usable = usable_records(corpus)
+        keep = [i for i, g in enumerate(groups) if usable[g].any()]
+        names = [str(names_arr[i]) for i in keep]
+        parts = [groups[i] for i in keep]
     elif mode == "record":
         minimum = 1
         width = len(str(len(corpus) - 1))
@@ -68,6 +74,39 @@ def partition(corpus: Corpus, config: RunConfig) -> tuple[list[str], list[np.nda
             raise DataError(corpus.source, f"client {name!r} has {len(part)} record(s); every "
                                            f"client needs at least {minimum}")
     return names, [np.sort(p) for p in parts]
+
+
+def usable_records(corpus: Corpus) -> np.ndarray:
+    """Which records a model can learn from: a text with at least one visible character;
+    every numeric sequence (the reader refuses empty ones)."""
+    if corpus.kind != "text":
+        return np.ones(len(corpus), dtype=bool)
+    return np.array([bool(t.strip()) for t in corpus.texts], dtype=bool)
+
+
+def left_out_clients(corpus: Corpus) -> tuple[int, int]:
+    """(clients of the ``client`` column the natural partitioner leaves out for holding no
+    usable record, clients in the column)."""
+    if corpus.clients is None:
+        return 0, 0
+    names = np.unique(corpus.clients.astype(str))
+    usable = np.unique(corpus.clients.astype(str)[usable_records(corpus)])
+    return len(names) - len(usable), len(names)
+
+
+def phase_roles(sizes: np.ndarray, *, seed: int, eval_fraction: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(can train, can evaluate): a boolean per client, from each client's record count.
+
+    A client of one record either trains or evaluates with it (``is_holdout_client``);
+    a larger one does both. A pure function of its arguments, so the server's sampler
+    never offers a client a phase it holds no record for.
+    """
+    single = np.asarray(sizes) == 1
+    holdout = np.array([bool(one) and is_holdout_client(i, seed=seed,
+                                                        eval_fraction=eval_fraction)
+                        for i, one in enumerate(single)], dtype=bool)
+    return ~holdout, ~single | holdout
 
 
 def _groups(inverse: np.ndarray, n_groups: int) -> list[np.ndarray]:

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, lengths, labels
 
+# Metrics that improve upwards; every other one (loss, perplexity, mae) improves downwards.
+HIGHER_IS_BETTER = frozenset({"accuracy", "auroc"})
+
 
 class Task(ABC):
     """Everything that differs between tasks; the rest of fedrnn asks ``get_task(name)``.
@@ -34,6 +37,7 @@ class Task(ABC):
     - ``name``: the ``--task`` value (set by ``register_task``);
     - ``metrics``: the metric names ``evaluate`` may report, ``"loss"`` first (also the keys
       in metrics.jsonl and summary.json); every evaluation also reports ``num-examples``;
+    - ``main_metric``: the one of ``metrics`` a run is judged by (early stopping's default);
     - ``per_step``: whether the model predicts at every step or once per sequence;
     - ``uses_labels``: whether records' ``label`` is the target (the run's ``labels``);
     - ``synthetic``: which built-in synthetic corpus suits it (``shared.data.builtin``).
@@ -41,6 +45,7 @@ class Task(ABC):
 
     name: ClassVar[str] = ""
     metrics: ClassVar[tuple[str, ...]] = ()
+    main_metric: ClassVar[str] = "loss"
     per_step: ClassVar[bool]
     uses_labels: ClassVar[bool] = False
     synthetic: ClassVar[str]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 @register_task("classify")
 class Classify(Task):
     metrics = ("loss", "accuracy", "auroc")
+    main_metric = "auroc"
     per_step = False
     uses_labels = True
     synthetic = "classes"

@@ -38,6 +38,7 @@ def _observed_next(model: nn.Module, batch: Batch
 @register_task("forecast")
 class Forecast(Task):
     metrics = ("loss", "mae")
+    main_metric = "mae"
     per_step = True
     synthetic = "sines"
 

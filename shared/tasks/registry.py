@@ -31,6 +31,8 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
                              f"({type(_TASKS[name]).__name__} and {cls.__name__})")
         if not cls.metrics or cls.metrics[0] != "loss":
             raise ValueError(f"task {name!r}: its metrics must start with 'loss'")
+        if cls.main_metric not in cls.metrics:
+            raise ValueError(f"task {name!r}: its main metric must be one of its metrics")
         cls.name = name
         _TASKS[name] = cls()
         METRICS[name] = tuple(cls.metrics)

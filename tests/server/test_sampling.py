@@ -94,3 +94,15 @@ def test_faults_are_seeded_and_at_the_requested_rates():
     assert again == faults
     assert fault_of(seed=1, server_round=1, partition_id=0, dropout_rate=0.0,
                     straggler_rate=0.0) is None
+
+
+def test_one_record_clients_are_sampled_only_for_the_phase_they_hold_a_record_for():
+    config = RunConfig(clients=6, partitioner="natural", seed=3)
+    sizes = [5, 1, 1, 1, 1, 9]
+    sampler = ClientSampler(range(6), config, sizes=sizes)
+    trainers = set(sampler.sample(1, "train"))
+    evaluators = set(sampler.sample(1, "evaluate"))
+    assert {0, 5} <= trainers & evaluators  # larger clients do both
+    singles = {1, 2, 3, 4}
+    assert singles <= trainers ^ evaluators  # a single record: exactly one role
+    assert trainers | evaluators == set(range(6))

@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from fedrnn.shared.config import RunConfig
-from fedrnn.shared.data import client_data, partition_corpus, resolve
+from fedrnn.shared.data import (
+    client_data,
+    partition_corpus,
+    partition_notes,
+    partition_sizes,
+    resolve,
+)
 from fedrnn.shared.data.builtin import WINDOW_DAYS, load_nafld, load_tweets
+from fedrnn.shared.data.partition import phase_roles
 from fedrnn.shared.data.tokenizers import BOS, EOS, CharTokenizer, HashWordTokenizer
 from fedrnn.shared.errors import DataError
 
@@ -122,3 +129,31 @@ def test_tweets_are_messages_labelled_by_app():
     assert corpus.kind == "text" and len(corpus) == 20_761
     assert corpus.label_set == ["android", "iphone", "other", "web"]
     assert corpus.clients is None  # split by --partitioner
+
+
+def test_natural_partition_keeps_one_record_clients_each_in_one_role(long_tailed_jsonl):
+    config = resolve(RunConfig(data=str(long_tailed_jsonl), task="lm"))
+    names, parts = partition_corpus(config)
+    assert len(names) == 43 and not any(n.startswith("silent") for n in names)
+    sizes = partition_sizes(config)
+    assert (sizes == 1).sum() == 40 and sizes.sum() == 70
+    trains, evaluates = phase_roles(sizes, seed=config.seed,
+                                    eval_fraction=config.eval_fraction)
+    for i, name in enumerate(names):
+        data = client_data(config, i)
+        if name.startswith("once"):  # a single record is never split: one role
+            assert (len(data.train), len(data.eval)) in {(1, 0), (0, 1)}
+            assert (trains[i], evaluates[i]) == (len(data.train) == 1, len(data.eval) == 1)
+        else:
+            assert trains[i] and evaluates[i]
+    assert trains.sum() > 3 and evaluates.sum() > 3  # both roles drawn among the singles
+    roles_again = phase_roles(sizes, seed=config.seed, eval_fraction=config.eval_fraction)
+    assert (roles_again[0] == trains).all()  # chosen by the seed, the same every time
+
+
+def test_natural_partition_notes_give_the_counts(long_tailed_jsonl):
+    warning, info = partition_notes(resolve(RunConfig(data=str(long_tailed_jsonl), task="lm")))
+    assert warning.endswith("2 of 45 clients hold no usable record (only empty texts) and "
+                            "are left out")
+    assert info.startswith("40 of 43 clients hold one record")
+    assert partition_notes(RunConfig(dataset="synthetic", partitioner="iid")) == (None, None)

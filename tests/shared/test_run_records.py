@@ -110,3 +110,17 @@ def test_a_run_without_noise_says_its_epsilon_is_unbounded(tmp_path):
             RunSummary(final={"loss": 0.5}, rounds=1, clients_total=2,
                        privacy=privacy).to_json()))
         assert expected in "\n".join(summary_lines(tmp_path))
+
+
+def test_the_summary_records_early_stopping_and_reads_older_summaries(tmp_path):
+    record = RunRecord(tmp_path, RunConfig(task="classify", clients=3))
+    record.add_round(_row(1))
+    record.finish({"w": torch.zeros(1)}, _privacy(), best_round=1, stopped_early=True,
+                  best_state_dict={"w": torch.ones(1)})
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert (on_disk["best_round"], on_disk["stopped_early"]) == (1, True)
+    assert torch.load(tmp_path / "model_best.pt")["w"].item() == 1.0
+    del on_disk["best_round"], on_disk["stopped_early"]  # as an older version wrote it
+    (tmp_path / "summary.json").write_text(json.dumps(on_disk))
+    older = read_summary(tmp_path)
+    assert (older.best_round, older.stopped_early, older.rounds) == (None, False, 1)

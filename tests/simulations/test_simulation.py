@@ -185,3 +185,55 @@ def test_program_interrupted_stops_at_once_leaving_no_ray_process(tmp_path):
         if proc is not None and proc.poll() is None:
             proc.kill()
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_simulate_long_tailed_speakers(tmp_path, long_tailed_jsonl, capsys):
+    """Most speakers wrote once, some only empty messages: the run goes on without them."""
+    out = tmp_path / "speakers"
+    code = main(["simulate", "--data", str(long_tailed_jsonl), "--task", "lm", "--rounds", "1",
+                 "--clients-per-round", "4", "--eval-clients-per-round", "4",
+                 "--hidden-size", "8", "--embedding-dim", "4", "--noise-multiplier", "1.0",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "2 of 45 clients hold no usable record" in err
+    row = _rows(out)[0]
+    assert row["clients"] == 4 and row["dropped"] == 0 and math.isfinite(row["loss"])
+
+
+@pytest.mark.e2e
+def test_early_stopping_keeps_the_best_round_and_charges_no_round_not_run(tmp_path, capsys):
+    out = tmp_path / "stopped"
+    # no later round beats the first by 100: round 2 is stale and, with patience 1, the
+    # run stops. Round 3 was sent before round 2's evaluation came in, so it is finished.
+    code = main(["simulate", "--dataset", "synthetic", "--task", "classify", "--rounds", "6",
+                 "--clients", "2", "--hidden-size", "8", "--batch-size", "16",
+                 "--epsilon", "4", "--early-stopping-patience", "1",
+                 "--early-stopping-metric", "loss", "--early-stopping-min-delta", "100",
+                 "--out", str(out)])
+    assert code == 0
+    assert [r["round"] for r in _rows(out)] == [1, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["best_round"], summary["stopped_early"], summary["rounds"]) == (1, True, 3)
+    assert (out / "model_best.pt").exists() and (out / "model.pt").exists()
+    for releases in releases_by_site(out / "ledgers").values():
+        assert {r.round for r in releases} <= {1, 2, 3}
+    assert "early stopping: loss has not improved for 1 round(s)" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_init_from_a_finished_run_starts_where_it_ended(tmp_path):
+    common = ["simulate", "--dataset", "synthetic", "--task", "classify", "--clients", "2",
+              "--hidden-size", "8", "--batch-size", "16", "--no-dp", "--lr", "0.05"]
+    first, fresh, resumed = tmp_path / "first", tmp_path / "fresh", tmp_path / "from-first"
+    assert main([*common, "--rounds", "4", "--out", str(first)]) == 0
+    assert main([*common, "--rounds", "1", "--seed", "1", "--out", str(fresh)]) == 0
+    assert main([*common, "--rounds", "1", "--seed", "1", "--init-from", str(first),
+                 "--out", str(resumed)]) == 0
+    ended, fresh_loss = _rows(first)[-1]["loss"], _rows(fresh)[0]["loss"]
+    started = _rows(resumed)[0]["loss"]
+    assert ended < fresh_loss  # the first run learnt something
+    assert abs(started - ended) < 0.5 * (fresh_loss - ended)
+    assert main([*common, "--rounds", "1", "--hidden-size", "16", "--init-from", str(first),
+                 "--out", str(tmp_path / "wrong")]) == 2
