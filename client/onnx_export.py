@@ -26,6 +26,7 @@ onnxruntime against the PyTorch model before it is written.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import warnings
@@ -42,7 +43,7 @@ from fedrnn.shared.errors import FedrnnError
 from fedrnn.shared.model_card import ModelCard
 from fedrnn.shared.models import SequenceModel
 
-OPSET = 17  # ONNX's LSTM/GRU/RNN operators; onnxruntime 1.16 and later run it
+OPSET = 17  # an opset of 2022, not the newest: older runtimes on devices read it too
 CARD_KEY = "fedrnn.model_card"  # metadata: model.json, as fedrnn wrote it
 IO_KEY = "fedrnn.io"  # metadata: what each input and output holds
 TOLERANCE = 1e-4  # largest difference from PyTorch accepted for a written file
@@ -221,7 +222,7 @@ def describe_io(card: ModelCard) -> dict[str, dict[str, str]]:
 def require(name: str) -> ModuleType:
     """``import name``, or a FedrnnError saying how to install the ``export`` extra."""
     try:
-        return __import__(name)
+        return importlib.import_module(name)
     except ImportError:
         raise FedrnnError(f"exporting to ONNX needs the {name} package: {INSTALL}") from None
 
