@@ -1,7 +1,9 @@
-"""A data owner's commands for a trained model: ``fedrnn predict``, ``evaluate``, ``generate``.
+"""A data owner's commands for a trained model: ``fedrnn predict``, ``evaluate``, ``generate``,
+and ``export`` (the model as an ONNX file).
 
 They run where the records are and send nothing anywhere; the logic is
-``client.inference``'s, the model and its card ``shared.model_card``'s.
+``client.inference``'s and ``client.onnx_export``'s, the model and its card
+``shared.model_card``'s.
 """
 
 from __future__ import annotations
@@ -51,6 +53,18 @@ EPILOG_GENERATE = """examples:
 Needs a language model (task lm) with the char tokenizer: hashed words cannot be turned
 back into text. The same --seed gives the same text; --temperature 0 always takes the
 likeliest character.
+"""
+
+EPILOG_EXPORT = """examples:
+  fedrnn export runs/nafld-gru --onnx nafld-gru.onnx
+  fedrnn export models/tweets-lm --onnx ~/app/assets/tweets-lm.onnx
+
+The file holds the network as ONNX's own LSTM/GRU/RNN operators, with dynamic batch and
+step axes, and the model's card (model.json) in its metadata ("fedrnn.model_card"), beside
+a description of its inputs and outputs ("fedrnn.io"). Inputs: tokens (text) or series
+(numeric), plus lengths for classify; output: class_logits, next_token_logits or
+next_values. Before it is written, the file is run with onnxruntime against the PyTorch
+model on random inputs. Needs the export extra: pip install "fedrnn[export]".
 """
 
 
@@ -128,6 +142,31 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="RUN", help=MODEL_HELP)
+    parser.add_argument("--onnx", required=True, metavar="FILE.onnx",
+                        help="write the ONNX model here (replaced whole if it exists)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from fedrnn.client.onnx_export import export_onnx, require
+    from fedrnn.shared.model_card import load_model
+
+    out = Path(args.onnx).expanduser().resolve()
+    if out.suffix.lower() != ".onnx" or out.is_dir():
+        raise ConfigError(f"--onnx {args.onnx}: name a .onnx file")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--onnx {args.onnx}: directory {out.parent} does not exist")
+    for package in ("onnx", "onnxruntime"):  # before the model is read: say it first
+        require(package)
+    card, model = load_model(args.model)
+    exported = export_onnx(card, model)
+    write_output(out, exported.data)
+    print(f"{out}: {card.task}, {card.architecture.model}, {len(exported.data) / 1e3:.0f} kB; "
+          f"onnxruntime's outputs within {exported.difference:.1g} of PyTorch's")
+    return 0
+
+
 COMMANDS = [
     Command("predict", "predict for every record of a file with a trained model",
             _configure_predict, _run_predict, epilog=EPILOG_PREDICT, order=81),
@@ -135,4 +174,6 @@ COMMANDS = [
             _configure_evaluate, _run_evaluate, epilog=EPILOG_EVALUATE, order=82),
     Command("generate", "continue a prompt with a trained language model",
             _configure_generate, _run_generate, epilog=EPILOG_GENERATE, order=83),
+    Command("export", "write a trained model as an ONNX file, its card inside",
+            _configure_export, _run_export, epilog=EPILOG_EXPORT, order=84),
 ]

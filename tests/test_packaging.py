@@ -42,7 +42,7 @@ def test_the_program_offers_every_command():
 
     assert [c.name for c in installed_commands()] == [
         "simulate", "server", "client", "certs", "split", "budget", "audit", "ledger", "predict",
-        "evaluate", "generate", "bench"]
+        "evaluate", "generate", "export", "bench"]
 
 
 def test_every_source_package_is_installed():
@@ -58,3 +58,12 @@ def test_every_source_package_is_installed():
                  "." + part for part in init.parent.relative_to(root).parts[1:])
              for folder in folders for init in (root / folder).rglob("__init__.py")}
     assert found == set(setuptools["packages"])
+
+
+def test_the_dev_extra_installs_the_export_extra_so_ci_tests_the_export():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = project["project"]["optional-dependencies"]
+    assert set(extras["export"]) <= set(extras["dev"])

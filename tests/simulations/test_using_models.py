@@ -43,3 +43,9 @@ def test_a_finished_run_is_a_model_its_data_owner_can_use(tmp_path, capsys):
                      "--seed", "5"]) == 0
         generated.append(capsys.readouterr().out)
     assert generated[0] == generated[1] and generated[0].startswith("the")
+    # the trained weights as an ONNX file, its card inside (checked against PyTorch by export)
+    assert main(["export", str(model), "--onnx", str(tmp_path / "lm.onnx")]) == 0
+    import onnxruntime
+
+    meta = onnxruntime.InferenceSession(str(tmp_path / "lm.onnx")).get_modelmeta()
+    assert json.loads(meta.custom_metadata_map["fedrnn.model_card"]) == card
