@@ -89,7 +89,9 @@ def user_level_section(run_dir: Path, *, unseen: int = UNSEEN) -> dict[str, Any]
         "epsilon_estimate": estimate.epsilon,
         "epsilon_accounted": user.epsilon,
         "delta": user.delta,
+        "epsilon_interval_95": list(estimate.epsilon_interval()),
         "mu": estimate.mu,
+        "mu_standard_error": estimate.mu_standard_error,
         "cosines": {"inserted": inserted,
                     "inserted_summary": estimate.inserted.to_json(),
                     "unseen": estimate.unseen.to_json()},
@@ -102,8 +104,10 @@ def table(section: dict[str, Any]) -> str:
     return "\n".join([
         f"user level, {section['method']}: {section['canary_clients']} canary clients, "
         f"{section['unseen']} unseen directions",
-        f"  epsilon estimate {section['epsilon_estimate']:.3f} (mu {section['mu']:.3f}) "
-        f"vs accounted {section['epsilon_accounted']:.3f} at delta {section['delta']:g}",
+        f"  epsilon estimate {section['epsilon_estimate']:.3f} (95% "
+        f"{section['epsilon_interval_95'][0]:.3f} to {section['epsilon_interval_95'][1]:.3f};"
+        f" mu {section['mu']:.3f} +- {section['mu_standard_error']:.3f}) vs accounted "
+        f"{section['epsilon_accounted']:.3f} at delta {section['delta']:g}",
         f"  cosine inserted {cos['inserted_summary']['mean']:+.4f} "
         f"+- {cos['inserted_summary']['std']:.4f}, unseen {cos['unseen']['mean']:+.4f} "
         f"+- {cos['unseen']['std']:.4f}",

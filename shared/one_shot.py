@@ -94,6 +94,14 @@ class Estimate:
     mu: float
     epsilon: float
     delta: float
+    mu_standard_error: float  # of the mean gap, in unseen stds: mostly the few canaries'
+
+    def epsilon_interval(self, z: float = 1.96) -> tuple[float, float]:
+        """The estimate's epsilon at mu -/+ ``z`` standard errors (95% by default): with
+        ten canaries, mu is known to about a third of a unit."""
+        low = max(self.mu - z * self.mu_standard_error, 0.0)
+        return (gaussian_epsilon(low, delta=self.delta),
+                gaussian_epsilon(self.mu + z * self.mu_standard_error, delta=self.delta))
 
 
 def one_shot_estimate(inserted: Sequence[float], unseen: Sequence[float], *,
@@ -109,5 +117,10 @@ def one_shot_estimate(inserted: Sequence[float], unseen: Sequence[float], *,
     """
     fit_in, fit_out = Fit.of(inserted), Fit.of(unseen)
     gap = abs(fit_in.mean - fit_out.mean)
-    mu = gap / fit_out.std if fit_out.std > 0 else (math.inf if gap > 0 else 0.0)
-    return Estimate(fit_in, fit_out, mu, gaussian_epsilon(mu, delta=delta), delta)
+    if fit_out.std > 0:
+        mu = gap / fit_out.std
+        error = math.sqrt(fit_in.std**2 / fit_in.count
+                          + fit_out.std**2 / fit_out.count) / fit_out.std
+    else:
+        mu, error = (math.inf if gap > 0 else 0.0), 0.0
+    return Estimate(fit_in, fit_out, mu, gaussian_epsilon(mu, delta=delta), delta, error)

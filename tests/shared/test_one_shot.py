@@ -49,6 +49,12 @@ def test_the_estimate_is_the_epsilon_of_the_gap_in_unseen_stds():
     assert estimate.mu == pytest.approx(abs(np.mean(inserted) - np.mean(unseen))
                                         / np.std(unseen, ddof=1))
     assert estimate.epsilon == gaussian_epsilon(estimate.mu, delta=1e-5)
+    # ten inserted values: their mean is known to std / sqrt(10), in unseen stds
+    assert estimate.mu_standard_error == pytest.approx(
+        math.sqrt(np.var(inserted, ddof=1) / 10 + np.var(unseen, ddof=1) / 5000)
+        / np.std(unseen, ddof=1))
+    low, high = estimate.epsilon_interval()
+    assert low < estimate.epsilon < high
     # nothing inserted: the two samples alike, a small estimate
     assert one_shot_estimate(rng.normal(0, 0.05, 10), unseen, delta=1e-5).epsilon < 2
     with pytest.raises(ValueError):
