@@ -42,3 +42,17 @@ def test_the_estimate_sees_a_noise_free_run_and_stays_low_with_dp(tmp_path, caps
     assert low < dp["epsilon_accounted"] < 2 * high
     assert free["epsilon_estimate"] > 10 * dp["epsilon_estimate"]
     assert free["epsilon_estimate"] > 20
+
+
+def test_a_round_may_sample_sites_and_canaries_together(tmp_path):
+    from fedrnn.shared.config import RunConfig
+    from fedrnn.shared.errors import ConfigError
+    from fedrnn.simulations.simulate import prepare
+
+    config = RunConfig(dataset="synthetic", clients=3, dp_level="user", canary_clients=4,
+                       clients_per_round=6, eval_clients_per_round=2, out=str(tmp_path / "r"))
+    assert prepare(config).clients_per_round == 6  # of 3 sites and 4 canaries
+    with pytest.raises(ConfigError, match="exceeds the 7 clients"):
+        prepare(config.replace(clients_per_round=8))
+    with pytest.raises(ConfigError, match="evaluate"):  # canaries never evaluate
+        prepare(config.replace(eval_clients_per_round=0))
