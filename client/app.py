@@ -31,6 +31,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedrnn.client.attacks import attack_mod
+from fedrnn.client.canaries import canary_mod
 from fedrnn.client.faults import fault_mod
 from fedrnn.client.ledger import Ledger
 from fedrnn.client.policy import Declined, SitePolicy, check_proposal
@@ -46,8 +47,8 @@ from fedrnn.shared.randomness import SiteRandomness
 
 log = logging.getLogger("fedrnn")
 
-# injected faults and attacks of simulations only; a deployed site runs neither
-app = ClientApp(mods=[fault_mod, attack_mod])
+# canary clients, injected faults and attacks of simulations only; a deployed site runs none
+app = ClientApp(mods=[canary_mod, fault_mod, attack_mod])
 
 
 @app.train()

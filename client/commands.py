@@ -89,6 +89,9 @@ def _configure_audit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the audit as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="epsilon against round per site")
     parser.add_argument("--html", metavar="FILE", help="a self-contained report to file")
+    parser.add_argument("--empirical", action="store_true",
+                        help="add the empirical audit of a run directory (user level: its "
+                        "canary clients)")
 
 
 def _run_audit(args: argparse.Namespace) -> int:
@@ -96,18 +99,37 @@ def _run_audit(args: argparse.Namespace) -> int:
     from fedrnn.client.audit_report import plot, render_html
 
     result = audit(args.path)
+    user_level = _user_level(args)
     if args.plot:
         write_output(Path(args.plot), plot(result))
     if args.html:
         write_output(Path(args.html), render_html(result).encode())
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        data = result.to_json()
+        if args.empirical:
+            data["empirical"] = {"user_level": user_level}
+        print(json.dumps(data, indent=2))
     else:
         print(table(result))
+        if user_level is not None:
+            from fedrnn.client.empirical_user import table as user_level_table
+
+            print(user_level_table(user_level))
         for name, value in (("plot", args.plot), ("report", args.html)):
             if value:
                 print(f"{name}: {value}")
     return 0
+
+
+def _user_level(args: argparse.Namespace) -> dict | None:
+    """The empirical audit's user-level section (None without --empirical or canaries)."""
+    if not args.empirical:
+        return None
+    from fedrnn.client.empirical_user import user_level_section
+
+    if not Path(args.path, "summary.json").is_file():
+        raise ConfigError(f"{args.path}: --empirical audits a finished run directory")
+    return user_level_section(Path(args.path))
 
 
 def _configure_set_budget(parser: argparse.ArgumentParser) -> None:

@@ -34,12 +34,18 @@ from fedrnn.server.sampling import (
     wait_for_nodes,
 )
 from fedrnn.server.stopping import EarlyStopping
-from fedrnn.server.strategy import EPSILON_MAX, build_strategy, user_level_release
+from fedrnn.server.strategy import (
+    EPSILON_MAX,
+    aggregate_metrics,
+    build_strategy,
+    user_level_release,
+)
 from fedrnn.server.validation import Shape, check_evaluate_reply, check_train_reply, uniform_weight
+from fedrnn.shared import canary_clients
 from fedrnn.shared import protocol as P
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.data import partition_sizes
-from fedrnn.shared.errors import FedrnnError
+from fedrnn.shared.errors import ConfigError, FedrnnError
 from fedrnn.shared.models import build_model
 from fedrnn.shared.plots import import_in_background
 from fedrnn.shared.privacy import History, epsilon
@@ -57,6 +63,14 @@ class Received:
     updates: list[Message]
     declined: list[Message]
     lost: dict[str, list[int]]  # node ids: "failed", "timed_out", "rejected" (messaging)
+    clients: int  # partition ids from this one on are canary clients (shared.canary_clients)
+
+    @property
+    def site_updates(self) -> list[Message]:
+        """The updates of sites, without the canary clients' (which hold no records and
+        count in no metric)."""
+        return [m for m in self.updates if not canary_clients.is_canary(
+            self.phase.partitions[m.metadata.src_node_id], clients=self.clients)]
 
     def partitions(self, nodes: list[int]) -> list[int]:
         """The sorted partition ids of ``nodes``."""
@@ -89,9 +103,13 @@ class Federation:
 
     def __init__(self, grid: Grid, config: RunConfig) -> None:
         self.grid, self.config = grid, config
+        if config.canary_clients and not is_simulation(grid):
+            raise ConfigError("canary-clients is for simulations (fedrnn simulate): a "
+                              "deployment's clients are its sites")
         self.arrays = ArrayRecord(initial_weights(config))  # a resume replaces them below
         self.strategy = build_strategy(config, available=config.clients,
-                                       server_draws=is_simulation(grid))
+                                       server_draws=is_simulation(grid),
+                                       canaries=config.canary_clients)
         self.user_history: History = []
         self.exhausted: set[int] = set()  # partition ids of sites that declined (budget)
         self.first_round = 1
@@ -110,6 +128,11 @@ class Federation:
             self.first_round = saved.server_round + 1
             log.info("resuming %s after round %d", config.out, saved.server_round)
         self.record = RunRecord(config.out, config, resume_after=self.first_round - 1)
+        if config.canary_clients and saved is None:
+            canary_clients.write_record(
+                self.record.dir, seed=config.seed, clients=config.clients,
+                canaries=config.canary_clients, user_clip_norm=config.user_clip_norm,
+                initial=self.arrays.to_torch_state_dict())
         self.flat = config.to_flat()
         log.info("run directory %s", self.record.dir)
         # every update must have the global model's names, shapes and dtypes
@@ -165,7 +188,7 @@ class Federation:
         # for bit
         updates.sort(key=lambda m: trainers[m.metadata.src_node_id])
         self.exhausted |= {trainers[m.metadata.src_node_id] for m in declined}
-        return Received(training, updates, declined, lost)
+        return Received(training, updates, declined, lost, clients=self.config.clients)
 
     def aggregate(self, server_round: int, received: Received) -> dict[str, Any]:
         """The strategy's aggregate of the updates becomes the global weights (and a
@@ -174,6 +197,12 @@ class Federation:
         if self.config.user_level:
             updates = [uniform_weight(m) for m in updates]
         new_arrays, train_metrics = self.strategy.aggregate_train(server_round, updates)
+        if self.config.canary_clients:
+            # every update, canaries' too, went through the clipping and the noise; the
+            # metrics are the sites' alone
+            sites = received.site_updates
+            train_metrics = aggregate_metrics([m.content for m in sites], P.UNIT_WEIGHT) \
+                if sites else None
         if new_arrays is not None:
             self.arrays = new_arrays
             if self.config.user_level:
@@ -194,7 +223,7 @@ class Federation:
         lost = received.lost
         return Trained(
             server_round=server_round, evaluating=evaluating, train_metrics=train_metrics,
-            clients=len(received.updates), declined=len(received.declined),
+            clients=len(received.site_updates), declined=len(received.declined),
             dropped_ids=received.partitions(lost["failed"] + lost["timed_out"]),
             timed_out=received.partitions(lost["timed_out"]),
             rejected_ids=received.partitions(lost["rejected"]),

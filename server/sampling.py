@@ -55,8 +55,10 @@ def wait_for_nodes(grid: Grid, count: int, *, timeout: float = 600.0) -> None:
 
 
 def phase_slots(config: RunConfig) -> dict[str, int]:
-    """Simulation slots of each phase: as many as clients take part in it."""
-    return {"train": min(config.clients, config.clients_per_round or config.clients),
+    """Simulation slots of each phase: as many as clients take part in it (canary clients
+    train, never evaluate)."""
+    trainers = config.clients + config.canary_clients
+    return {"train": min(trainers, config.clients_per_round or trainers),
             "evaluate": min(config.clients, config.eval_per_round or config.clients)}
 
 
@@ -110,6 +112,10 @@ class ClientSampler:
             self.candidates = {"train": ids[trains], "evaluate": ids[evaluates]}
         else:
             self.candidates = {"train": ids, "evaluate": ids}
+        if slots and config.canary_clients:
+            # canary clients (shared.canary_clients) are drawn for training like any site
+            canaries = np.arange(config.clients, config.clients + config.canary_clients)
+            self.candidates["train"] = np.concatenate([self.candidates["train"], canaries])
         self.sizes = {"train": config.clients_per_round, "evaluate": config.eval_per_round}
         n_train = phase_slots(config)["train"]
         self.phase_nodes = {"train": self.nodes[:n_train], "evaluate": self.nodes[n_train:]}

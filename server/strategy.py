@@ -88,10 +88,11 @@ def _torch_dtype(array: np.ndarray):  # noqa: ANN202
     return torch.float64 if array.dtype == np.float64 else torch.float32
 
 
-def build_strategy(config: RunConfig, *, available: int,
-                   server_draws: bool = True) -> Strategy:
-    """Train on ``clients-per-round`` of ``available`` sites and evaluate on
-    ``eval-clients-per-round`` of them (0: as many as train; both 0: all).
+def build_strategy(config: RunConfig, *, available: int, server_draws: bool = True,
+                   canaries: int = 0) -> Strategy:
+    """Train on ``clients-per-round`` of ``available`` sites and ``canaries`` canary clients
+    (0: all of them) and evaluate on ``eval-clients-per-round`` of the sites (0: as many
+    as train, at most ``available``).
 
     ``server_draws`` (simulation): ``server.sampling.ClientSampler`` decides which sites,
     handing the strategy a grid that shows only the drawn nodes, so the strategy takes all
@@ -103,9 +104,9 @@ def build_strategy(config: RunConfig, *, available: int,
     of std ``user-noise-multiplier * user-clip-norm / sampled`` is added to the mean, which
     therefore weights every site equally (``unit-weight``) instead of by its records.
     """
-    train_k = config.clients_per_round or available
+    train_k = config.clients_per_round or available + canaries
     eval_k = config.eval_per_round or available
-    if train_k > available or eval_k > available:
+    if train_k > available + canaries or eval_k > available:
         raise ConfigError(f"clients-per-round ({train_k}) and eval-clients-per-round "
                           f"({eval_k}) cannot exceed the {available} available clients")
     if server_draws:

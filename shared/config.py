@@ -50,6 +50,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
                 "dp_level", "user_noise_multiplier", "user_clip_norm"),
     "ledger": ("budget_epsilon", "budget_delta", "ledger_dir"),
     "run": ("round_timeout", "seed", "out", "run_id"),
+    "audit": ("canary_clients",),
 }
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -142,6 +143,10 @@ class RunConfig:
     ledger_dir: str = _opt("", "directory of the simulated sites' privacy ledger (sites.sqlite, "
                            "per-record accounts of every site; default <out>/ledgers); reuse it "
                            "to carry budgets across runs")
+    # --- audit ------------------------------------------------------------------------------
+    canary_clients: int = _opt(0, "simulation with user-level DP: clients whose update is a "
+                               "secret random direction above user-clip-norm, for the "
+                               "user-level empirical audit (fedrnn audit RUN --empirical)")
     # --- run --------------------------------------------------------------------------------
     round_timeout: float = _opt(0.0, "seconds a round waits for the sampled sites' replies; "
                                 "sites that miss it are dropped from the round (0: no limit)")
@@ -206,6 +211,13 @@ class RunConfig:
             problems.append(f"strategy {self.strategy} does not combine with user-level DP, "
                             "whose noise is calibrated to a mean of clipped updates (one "
                             "site moves it by at most clip / sampled): use fedavg or fedadam")
+        if self.canary_clients < 0:
+            problems.append("canary-clients must be >= 0")
+        elif self.canary_clients and asked and not (self.dp and asked.server_clips_and_noises):
+            # a canary client's update is a whole site's update: only the server's clipping
+            # and noise of whole updates (user-level DP) bound what it reveals
+            problems.append("canary-clients audits user-level DP: use it with --dp-level "
+                            "user or both")
         if problems:
             raise ConfigError("; ".join(problems))
 

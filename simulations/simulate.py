@@ -36,7 +36,7 @@ def prepare(config: RunConfig) -> RunConfig:
     """
     from fedrnn.server.federation import default_out_dir
     from fedrnn.server.initial import initial_weights
-    from fedrnn.server.sampling import ClientSampler
+    from fedrnn.server.sampling import ClientSampler, simulation_slots
     from fedrnn.server.stopping import watched_metric
     from fedrnn.shared.data import (
         client_data,
@@ -59,12 +59,15 @@ def prepare(config: RunConfig) -> RunConfig:
         log.info("data has %d clients (%s); --clients ignored", len(names),
                  "one per record" if config.partitioner == "record" else "the 'client' column")
         config = config.replace(clients=len(names))
-    for k in (config.clients_per_round, config.eval_clients_per_round):
-        if k > config.clients:
-            raise ConfigError(f"clients-per-round {k} exceeds the {config.clients} clients")
+    # canary clients (--canary-clients) train, so they count for training, not evaluation
+    for k, pool in ((config.clients_per_round, config.clients + config.canary_clients),
+                    (config.eval_clients_per_round, config.clients)):
+        if k > pool:
+            raise ConfigError(f"clients-per-round {k} exceeds the {pool} clients")
     try:
-        # enough sites for each phase?
-        ClientSampler(range(config.clients), config, sizes=partition_sizes(config))
+        # enough sites (and canary clients) for each phase?
+        ClientSampler(range(simulation_slots(config)), config, slots=True,
+                      sizes=partition_sizes(config))
     except FedrnnError as exc:
         raise ConfigError(str(exc)) from None
     client_data(config, 0)  # fail here, not later inside a Ray worker
