@@ -25,6 +25,7 @@ EPILOG_SIMULATE = """examples:
 EPILOG_REFERENCE = """examples:
   fedrnn bench reference                 # the default run's split: nafld, 10 sites, seed 0
   fedrnn bench reference --partitioner quantity --clients 30 --json
+  fedrnn bench reference --dataset tweets   # posting app from a message's characters
 """
 
 
@@ -166,7 +167,8 @@ def _configure_reference(parser: argparse.ArgumentParser) -> None:
                         help=f"random seed of the split, as the run's "
                         f"(default: {RunConfig().seed})")
     parser.add_argument("--json", action="store_true", help="one JSON line: clients, "
-                        "train_records, test_records, accuracy, loss, auroc, auroc_by_client")
+                        "train_records, test_records, accuracy, majority_accuracy, loss, "
+                        "auroc, auroc_by_client")
 
 
 def _run_reference(args: argparse.Namespace) -> int:
@@ -202,8 +204,9 @@ BENCHMARKS = [
         "client's training records pooled, and score it on every client's evaluation "
         "records: the split `fedrnn simulate` trains and evaluates on with the same data, "
         "partition and seed flags. Prints the AUROC pooled and averaged by client as a run "
-        "reports it: what a federated run's AUROC is to be read against. Numeric sequences "
-        "and task classify only."),
+        "reports it (two classes), the accuracy and the majority class's: what a federated "
+        "run's metrics are to be read against. Task classify; a message's summary is its "
+        "bag of tokens."),
 ]
 
 

@@ -1,4 +1,4 @@
-"""``fedrnn bench reference``: what "good" is for a classify run on numeric sequences.
+"""``fedrnn bench reference``: what "good" is for a classify run.
 
 A non-federated, non-private model on the simulation's own split: logistic regression on
 per-record summaries, trained on every client's training records pooled, scored on every
@@ -6,13 +6,16 @@ client's evaluation records, the very records ``fedrnn simulate`` evaluates on w
 same data, partition and seed settings (``shared.data.split_indices``). Its AUROC beside a
 federated run's says how much of the attainable signal the recurrent model found.
 
-The summaries of each record, per feature: the last observed value, the mean of the
-observed values and the number of observations (a constant channel such as nafld's age,
-sex and BMI gives its value twice and the record's length); plus the record's number of
-time steps and its time span. Only the most recent ``max-len`` steps are read, as the
-recurrent model reads them. Features are standardised with the training records' mean
-and standard deviation; a feature never observed in a record sits at that mean, its count
-(zero) telling the model so.
+The summaries of a numeric sequence, per feature: the last observed value, the mean of
+the observed values and the number of observations (a constant channel such as nafld's
+age, sex and BMI gives its value twice and the record's length); plus the record's number
+of time steps and its time span. Only the most recent ``max-len`` steps are read, as the
+recurrent model reads them. The summary of a message is its bag of tokens (the run's
+tokenizer, each token's share of its first ``max-len`` tokens) and its length.
+Features are standardised with the training records' mean and standard deviation; a
+feature never observed in a record sits at that mean, its count (zero) telling the model
+so. The majority class of the training records is printed beside, as the accuracy of
+always guessing it.
 
 The model is multinomial logistic regression with a small L2 penalty, fitted full-batch
 by L-BFGS in float64: a convex problem, so the fit does not depend on a learning rate or
@@ -57,6 +60,7 @@ class ReferenceResult:
     train_records: int
     test_records: int
     accuracy: float
+    majority_accuracy: float  # always guessing the training records' most common class
     loss: float
     auroc: float | None  # pooled over every test record; None unless two classes
     auroc_by_client: float | None  # each client's AUROC weighted by its records, as runs report
@@ -92,6 +96,28 @@ def summary_features(corpus: Corpus, index: np.ndarray, *, max_len: int) -> np.n
         out[row, -2] = math.log1p(len(values))
         out[row, -1] = float(times[-1] - times[0])
     return out
+
+
+def text_features(corpus: Corpus, index: np.ndarray, config: RunConfig) -> np.ndarray:
+    """``[len(index), vocabulary + 1]``: each token's share of the message's first
+    ``max-len`` tokens (the run's tokenizer), then the log of their number."""
+    from fedrnn.shared.data.tokenizers import make_tokenizer
+
+    tokenizer = make_tokenizer(config.tokenizer, config.vocab_size)
+    out = np.zeros((len(index), tokenizer.vocab_size + 1))
+    for row, i in enumerate(index):
+        ids = tokenizer.encode(corpus.texts[i])[: config.max_len]
+        if ids:
+            np.add.at(out[row], ids, 1.0 / len(ids))
+        out[row, -1] = math.log1p(len(ids))
+    return out
+
+
+def features(corpus: Corpus, index: np.ndarray, config: RunConfig) -> np.ndarray:
+    """The records' summaries, unscaled: ``summary_features`` or ``text_features``."""
+    if corpus.kind == "text":
+        return text_features(corpus, index, config)
+    return summary_features(corpus, index, max_len=config.max_len)
 
 
 def standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,27 +159,26 @@ def reference(config: RunConfig) -> ReferenceResult:
                           f"not {config.task}")
     config = resolve(config)
     corpus = load_corpus(config)
-    if corpus.kind != "series":
-        raise ConfigError(f"the reference summarises numeric sequences; {corpus.source} "
-                          "holds text")
     split = simulation_split(config)
     classes = {name: i for i, name in enumerate(config.label_names)}
     y_train = np.array([classes[corpus.labels[i]] for i in split.train])
     y_test = np.array([classes[corpus.labels[i]] for i in split.test])
-    x_train, x_test = standardise(summary_features(corpus, split.train, max_len=config.max_len),
-                                  summary_features(corpus, split.test, max_len=config.max_len))
+    x_train, x_test = standardise(features(corpus, split.train, config),
+                                  features(corpus, split.test, config))
     model = fit_logistic(x_train, y_train, len(classes))
     with torch.no_grad():
         logits = model(torch.as_tensor(x_test, dtype=torch.float64))
         loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y_test)).item()
         scores = torch.softmax(logits, -1).numpy()
     accuracy = float((scores.argmax(-1) == y_test).mean())
+    majority = float((y_test == np.bincount(y_train, minlength=len(classes)).argmax()).mean())
     pooled = by_client = None
     if len(classes) == 2:
         pooled = auroc(scores[:, 1], y_test)
         by_client = _weighted_auroc(scores[:, 1], y_test, split.test_client)
     return ReferenceResult(clients=split.clients, train_records=len(split.train),
-                           test_records=len(split.test), accuracy=accuracy, loss=loss,
+                           test_records=len(split.test), accuracy=accuracy,
+                           majority_accuracy=majority, loss=loss,
                            auroc=pooled, auroc_by_client=by_client)
 
 
@@ -184,7 +209,8 @@ def format_result(result: ReferenceResult, config: RunConfig) -> str:
         "simulation's evaluation records)",
         f"auroc {number(result.auroc)} (pooled), {number(result.auroc_by_client)} (by "
         f"client, weighted by records: as a run reports it) | accuracy "
-        f"{result.accuracy:.4f} | loss {result.loss:.4f}",
+        f"{result.accuracy:.4f} (majority class {result.majority_accuracy:.4f}) | "
+        f"loss {result.loss:.4f}",
     ])
 
 

@@ -100,17 +100,28 @@ def test_command_prints_json(capsys):
     assert main(["bench", "reference", "--dataset", "synthetic", "--clients", "6", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["clients"] == 6 and 0.0 <= row["auroc"] <= 1.0
-    assert set(row) == {"clients", "train_records", "test_records", "accuracy", "loss", "auroc",
-                        "auroc_by_client"}
+    assert set(row) == {"clients", "train_records", "test_records", "accuracy",
+                        "majority_accuracy", "loss", "auroc", "auroc_by_client"}
 
 
-@pytest.mark.parametrize("flags, says", [
-    (["--task", "lm"], "needs --task classify"),
-    (["--task", "classify"], "holds text"),
-])
-def test_refuses_what_it_cannot_fit(capsys, text_jsonl, flags, says):
-    assert main(["bench", "reference", "--data", str(text_jsonl), *flags]) == 2
+def test_messages_by_their_tokens(tmp_path):
+    """Text: the label is in the words (the majority guess is the baseline to beat)."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(300):
+        label = "pos" if rng.random() < 0.6 else "neg"
+        word = ("good", "fine") if label == "pos" else ("bad", "poor")
+        rows.append(json.dumps({"text": f"visit {i} was {word[i % 2]} today", "label": label}))
+    path = tmp_path / "messages.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    result = reference(RunConfig(data=str(path), task="classify", clients=3))
+    assert result.accuracy > 0.95 > result.majority_accuracy > 0.4
+    assert result.auroc > 0.95
+
+
+def test_refuses_other_tasks(capsys, text_jsonl):
+    assert main(["bench", "reference", "--data", str(text_jsonl), "--task", "lm"]) == 2
     err = capsys.readouterr().err
-    assert says in err and "Traceback" not in err
+    assert "needs --task classify" in err and "Traceback" not in err
     with pytest.raises(ConfigError):
         reference(RunConfig(task="lm"))
