@@ -22,6 +22,13 @@ EPILOG_SIMULATE = """examples:
 """
 
 
+EPILOG_REFERENCE = """examples:
+  fedrnn bench reference                 # the default run's split: nafld, 10 sites, seed 0
+  fedrnn bench reference --partitioner quantity --clients 30 --json
+  fedrnn bench reference --dataset tweets   # posting app from a message's characters
+"""
+
+
 def _configure_simulate(parser: argparse.ArgumentParser) -> None:
     from fedrnn.simulations.scenarios import describe
 
@@ -154,6 +161,23 @@ def _run_bench_simulation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_reference(parser: argparse.ArgumentParser) -> None:
+    add_config_flags(parser, ("data", "partition"))
+    parser.add_argument("--seed", type=int, default=None, metavar="N",
+                        help=f"random seed of the split, as the run's "
+                        f"(default: {RunConfig().seed})")
+    parser.add_argument("--json", action="store_true", help="one JSON line: clients, "
+                        "train_records, test_records, accuracy, majority_accuracy, loss, "
+                        "auroc, auroc_by_client")
+
+
+def _run_reference(args: argparse.Namespace) -> int:
+    from fedrnn.simulations.reference import main_reference
+
+    main_reference(config_from_args(args), as_json=args.json)
+    return 0
+
+
 BENCHMARKS = [
     Command(
         "dp-step", "one DP-SGD step: torch (non-private) vs Opacus's DP layer vs fedrnn's, "
@@ -172,6 +196,17 @@ BENCHMARKS = [
         "round, 10 rounds) as `fedrnn simulate` and as a plain loop over the same client "
         "updates, each in a fresh process timed from start to exit; print both and their "
         "ratio."),
+    Command(
+        "reference", "utility: a non-federated, non-private classifier on a simulation's split",
+        _configure_reference, _run_reference, epilog=EPILOG_REFERENCE,
+        description="Fit logistic regression on per-record summaries (per feature: last "
+        "value, mean and count of observations; steps and time span) of every simulated "
+        "client's training records pooled, and score it on every client's evaluation "
+        "records: the split `fedrnn simulate` trains and evaluates on with the same data, "
+        "partition and seed flags. Prints the AUROC pooled and averaged by client as a run "
+        "reports it (two classes), the accuracy and the majority class's: what a federated "
+        "run's metrics are to be read against. Task classify; a message's summary is its "
+        "bag of tokens."),
 ]
 
 
@@ -191,6 +226,7 @@ COMMANDS = [
         description="Partition a dataset exactly as `simulate` would and write each "
         "client's records to its own file in OUT_DIR, in the format `client --data` reads: "
         "sites for a trial deployment."),
-    Command("bench", "measure speed (benchmarks, never timed tests)", _configure_bench,
+    Command("bench", "measure speed and utility (benchmarks, never timed tests)",
+            _configure_bench,
             order=90),
 ]

@@ -6,6 +6,8 @@ Public surface:
 - ``partition_sizes(config)``: each client's record count; ``partition_notes(config)``: what
   a user should know of the split (clients left out, clients of one record);
 - ``client_data(config, partition_id)``: one client's train/eval tensors, cached per process;
+- ``split_indices(config, partition_id)``: the corpus indices of that client's train/eval
+  records;
 - ``site_data(config, path, secret=..., eval_fraction=...)``: a deployed site's train/eval
   tensors from its own file, split by the site's own key;
 - ``encode_records(corpus, config, scaling=...)``: every record of a file encoded as
@@ -40,7 +42,8 @@ log = logging.getLogger("fedrnn")
 
 __all__ = ["ClientData", "Corpus", "EncodedRecords", "SequenceTensors", "check_kind",
            "check_schema", "client_data", "encode_records", "load_corpus", "partition_corpus",
-           "partition_notes", "partition_sizes", "reference_scaling", "resolve", "site_data"]
+           "partition_notes", "partition_sizes", "reference_scaling", "resolve", "site_data",
+           "split_indices"]
 
 
 def load_corpus(config: RunConfig) -> Corpus:
@@ -243,21 +246,30 @@ def _data_only(config: RunConfig) -> RunConfig:
 # Bounded: a process holds the tensors of the clients it served last, never of all clients.
 @functools.lru_cache(maxsize=256)
 def _client_data_cached(config: RunConfig, partition_id: int) -> ClientData:
+    names, _ = _partition_cached(config)
+    train_idx, eval_idx = split_indices(config, partition_id)
+    return _client(load_corpus(config), config, names[partition_id], _corpus_keys(config),
+                   train_idx, eval_idx)
+
+
+def split_indices(config: RunConfig, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Corpus indices of one simulated client's train and eval records: the split every
+    simulation trains and evaluates on (and a non-federated reference reproduces)."""
+    config = _data_only(config)
     corpus = load_corpus(config)
-    names, parts = _partition_cached(config)
+    _, parts = _partition_cached(config)
     if not 0 <= partition_id < len(parts):
         raise DataError(corpus.source, f"client {partition_id} requested but the data has "
                                        f"{len(parts)} clients")
     part = parts[partition_id]
-    keys = _corpus_keys(config)
     if len(part) == 1:  # one record: the whole client trains or evaluates
         evaluating = np.array([is_holdout_client(partition_id, seed=config.seed,
                                                  eval_fraction=config.eval_fraction)])
     else:  # as a deployed site splits, keyed by the run's seed (reproducible)
+        keys = _corpus_keys(config)
         evaluating = held_out([keys[i] for i in part], secret=seeded_secret(config.seed),
                               eval_fraction=config.eval_fraction)
-    return _client(corpus, config, names[partition_id], keys, part[~evaluating],
-                   part[evaluating])
+    return part[~evaluating], part[evaluating]
 
 
 @functools.lru_cache(maxsize=2)
