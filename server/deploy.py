@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedrnn.server.initial import initial_weights
 from fedrnn.shared.config import RunConfig, dump_toml
 from fedrnn.shared.errors import ConfigError, FedrnnError
 from fedrnn.shared.processes import die_with_parent, stop
@@ -95,6 +96,10 @@ def check_server_config(config: RunConfig) -> RunConfig:
     # A built-in dataset is public (synthetic data is generated from the config): its
     # schema may be read from it.
     config = resolve(config)
+    if config.init_from:
+        # Flower's ServerApp process reads it, and a resumed run compares it: one absolute path
+        config = config.replace(init_from=str(Path(config.init_from).expanduser().resolve()))
+    initial_weights(config)  # weights that do not fit: one line, before the SuperLink starts
     if not config.round_timeout:
         # Across a network a site can vanish mid-round; without a limit the round would
         # wait for it until Flower's message expiry (hours).

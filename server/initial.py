@@ -4,7 +4,9 @@
 ``model.pt``: a pretrained language model, an earlier federation. Every weight must match
 the run's model by name and shape, except the task head (``head.*``): a classify head whose
 labels differ from the earlier run's is re-initialised, with a warning, as is any head
-with ``reset-head``. Anything else that does not match is a ``ConfigError`` (exit 2).
+with ``reset-head``. A run directory's inputs must also be this run's (tokenizer and its
+vocabulary, numeric features in order), since weights of the right shapes could still be
+read against other ids or channels. Anything else that does not match is a ``ConfigError`` (exit 2).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def initial_weights(config: RunConfig) -> dict[str, torch.Tensor]:
     if not config.init_from:
         return fresh
     source, earlier = _read(Path(config.init_from).expanduser())
+    if earlier is not None:
+        _check_inputs(source, earlier, config)
     reset = config.reset_head
     if earlier is not None and config.task == earlier.task == "classify" and (
             earlier.label_names != config.label_names):
@@ -50,6 +54,30 @@ def initial_weights(config: RunConfig) -> dict[str, torch.Tensor]:
                           f"(--model, --hidden-size, --num-layers, the tokenizer ...): "
                           f"{', '.join(wrong[:4])} differ")
     return {**fresh, **body}
+
+
+def _check_inputs(source: Path, earlier: RunConfig, config: RunConfig) -> None:
+    """Weights of the same shapes can still read other inputs: another tokenizer whose
+    vocabulary has as many ids, or as many numeric features under other names or in
+    another order. Either is a ``ConfigError``: the embedding or input layer would be
+    loaded onto the wrong ids or channels without a word."""
+    if earlier.feature_names != config.feature_names:
+        raise ConfigError(f"{source}: its inputs are the features "
+                          f"{','.join(earlier.feature_names) or '(none: text)'}, this run's "
+                          f"{','.join(config.feature_names) or '(none: text)'}; the same "
+                          f"features in the same order (--features) are needed")
+    if config.feature_names:
+        return
+    if _vocabulary(earlier) != _vocabulary(config):
+        raise ConfigError(f"{source}: it was trained with the {_vocabulary(earlier)} "
+                          f"tokenizer, this run uses {_vocabulary(config)}; use the same "
+                          f"--tokenizer and --vocab-size")
+
+
+def _vocabulary(config: RunConfig) -> str:
+    """What a text run's token ids mean (char's are fixed; word's depend on the buckets)."""
+    suffix = f" (vocab-size {config.vocab_size})" if config.tokenizer == "word" else ""
+    return config.tokenizer + suffix
 
 
 def _read(path: Path) -> tuple[Path, RunConfig | None]:

@@ -273,6 +273,11 @@ def test_server_refuses_bad_settings_before_starting(tmp_path, capsys):
     assert "--certificates" in capsys.readouterr().err
     assert main(["server", "--certificates", str(tmp_path), "--out", str(out)]) == 2
     assert "ca.crt" in capsys.readouterr().err
+    missing = tmp_path / "pretrained.pt"
+    assert main(["server", "--insecure", "--dataset", "synthetic", "--init-from",
+                 str(missing), "--out", str(out)]) == 2
+    assert f"{missing}: init-from not found" in capsys.readouterr().err
+    assert not (out / "superlink.log").exists()  # refused before Flower's SuperLink started
 
 
 @pytest.mark.e2e
@@ -448,3 +453,18 @@ def test_the_sites_address_answers_the_fleet_api_and_nothing_else(deployment):
     assert not pwned.exists()
     server.stop()
     assert "Traceback" not in server.output
+
+
+def test_the_server_passes_init_from_on_as_an_absolute_path(tmp_path, monkeypatch):
+    # Flower's ServerApp process reads the weights, and a resumed run compares its settings
+    # with the saved ones: neither may depend on the directory the server was started in.
+    import torch
+
+    from fedrnn.server.deploy import check_server_config
+    from fedrnn.shared.models import build_model
+
+    config = check_server_config(RunConfig(dataset="", task="lm", hidden_size=8))
+    torch.save(build_model(config).state_dict(), tmp_path / "pretrained.pt")
+    monkeypatch.chdir(tmp_path)
+    checked = check_server_config(config.replace(init_from="pretrained.pt"))
+    assert checked.init_from == str(tmp_path / "pretrained.pt")

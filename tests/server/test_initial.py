@@ -13,7 +13,7 @@ CONFIG = RunConfig(task="classify", labels="neg,pos", hidden_size=8, embedding_d
 
 def _finished_run(tmp_path, config):
     run = tmp_path / "earlier"
-    run.mkdir()
+    run.mkdir(parents=True)
     model = build_model(config)
     torch.save(model.state_dict(), run / "model.pt")
     (run / "config.toml").write_text(dump_toml(config))
@@ -52,3 +52,21 @@ def test_another_architecture_is_one_clear_error(tmp_path):
     (tmp_path / "junk.pt").write_text("not a model")
     with pytest.raises(ConfigError, match="not a model's weights"):
         initial_weights(CONFIG.replace(init_from=str(tmp_path / "junk.pt")))
+
+
+def test_weights_of_the_same_shapes_over_other_inputs_are_refused(tmp_path):
+    # A word tokenizer of 95 buckets has as many ids as char (4 special + 95 printable):
+    # every shape fits, only the meaning of the embedding's rows differs.
+    lm = RunConfig(task="lm", hidden_size=8, embedding_dim=4)
+    word = lm.replace(tokenizer="word", vocab_size=95)
+    assert build_model(word).embed.weight.shape == build_model(lm).embed.weight.shape
+    run, _ = _finished_run(tmp_path / "text", word)
+    with pytest.raises(ConfigError, match="word \\(vocab-size 95\\) tokenizer, this run uses char"):
+        initial_weights(lm.replace(init_from=str(run)))
+    assert initial_weights(word.replace(init_from=str(run)))  # the same inputs load
+    # The same features in another order: the input layer would read swapped channels.
+    series = RunConfig(task="forecast", features="hr,temp", hidden_size=8)
+    run, _ = _finished_run(tmp_path / "series", series)
+    with pytest.raises(ConfigError, match="features hr,temp, this run's temp,hr"):
+        initial_weights(series.replace(features="temp,hr", init_from=str(run)))
+    assert initial_weights(series.replace(init_from=str(run)))
