@@ -49,7 +49,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
                 "dp_level", "user_noise_multiplier", "user_clip_norm"),
     "ledger": ("budget_epsilon", "budget_delta", "ledger_dir"),
     "run": ("round_timeout", "seed", "out", "run_id"),
-    "audit": ("canaries", "canary_site", "canary_secrets", "canary_repeats"),
+    "audit": ("canaries", "canary_site", "canary_secrets", "canary_repeats", "canary_draw"),
 }
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -143,6 +143,9 @@ class RunConfig:
     canary_secrets: int = _opt(0, "random secrets ('my code is 4 8 1 5 0 9') planted at the "
                                "canary site for the exposure test (task lm)")
     canary_repeats: int = _opt(1, "copies of each secret in the canary site's records")
+    canary_draw: str = _opt("", "plant the canaries of an earlier run (its audit/canaries.json) "
+                            "instead of a fresh draw: the same canaries in a DP and a "
+                            "no-noise run")
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:

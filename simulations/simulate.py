@@ -68,13 +68,26 @@ def prepare(config: RunConfig) -> RunConfig:
 def plant_canaries(config: RunConfig, names: list[str], sampler: ClientSampler) -> RunConfig:
     """Choose the canary site (``canary-site``, else the first site that trains), draw
     which canaries it trains on, and keep the draw in ``<out>/audit/canaries.json``."""
-    from fedrnn.shared.data.canaries import new_draw, write_draw
+    from fedrnn.shared.data.canaries import new_draw, read_draw_file, write_draw
 
     site = config.canary_site or names[sampler.sample(1, "train")[0]]
+    draw = None
+    if config.canary_draw:  # another run's canaries, exactly
+        try:
+            draw = read_draw_file(config.canary_draw)
+        except OSError as exc:
+            raise ConfigError(f"canary-draw {config.canary_draw}: {exc.strerror}") from None
+        if (len(draw.included), draw.secrets, draw.repeats) != (
+                config.canaries, config.canary_secrets, config.canary_repeats):
+            raise ConfigError(f"canary-draw {config.canary_draw} holds {len(draw.included)} "
+                              f"canaries and {draw.secrets} secret(s) x {draw.repeats}; this "
+                              f"run asks for --canaries {config.canaries}, --canary-secrets "
+                              f"{config.canary_secrets} x {config.canary_repeats}")
+        site = draw.site
     if site not in names:
         raise ConfigError(f"canary-site {site!r} is not one of the run's sites "
                           f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
-    path = write_draw(config.out, new_draw(config, site))
+    path = write_draw(config.out, draw or new_draw(config, site))
     log.info("%d canaries and %d secret(s) planted at site %s (draw: %s)", config.canaries,
              config.canary_secrets, site, path)
     return config.replace(canary_site=site)

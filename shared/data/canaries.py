@@ -94,6 +94,12 @@ def read_draw(run_dir: str | Path) -> CanaryDraw | None:
     path = draw_path(run_dir)
     if not path.is_file():
         return None
+    return read_draw_file(path)
+
+
+def read_draw_file(path: str | Path) -> CanaryDraw:
+    """The draw in ``path`` (a ``canaries.json``); a ConfigError naming it otherwise."""
+    path = Path(path)
     try:
         return CanaryDraw.from_json(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as exc:

@@ -42,3 +42,11 @@ def test_exposure_is_log2_space_less_log2_rank():
     rank, bits = exposure(500.0, candidates, space=10 ** 6)  # half the sample is likelier
     assert rank == 1 + 0.5 * (10 ** 6 - 1)
     assert bits == math.log2(10 ** 6) - math.log2(rank)
+
+
+def test_a_run_without_canaries_ends_in_one_message(tmp_path, capsys):
+    from fedrnn.shared.cli import main
+
+    assert main(["audit", str(tmp_path), "--empirical"]) != 0
+    err = capsys.readouterr().err
+    assert "no canaries" in err and "--canaries M" in err and "Traceback" not in err

@@ -19,12 +19,12 @@ SMALL = ["--dataset", "synthetic", "--clients", "2", "--rounds", "8", "--local-e
 @pytest.mark.e2e
 def test_the_no_noise_run_shows_the_leak_and_the_dp_run_stays_below_its_epsilon(
         tmp_path, capsys, monkeypatch):
-    # the same draw for both runs (a fixed stand-in for the operating system's entropy)
+    # a fixed stand-in for the operating system's entropy: the same draw on every machine
     fixed = random.Random(19)
     monkeypatch.setattr(canaries.secrets, "randbits", lambda bits: fixed.getrandbits(bits))
     found = {}
-    for name, privacy in (("clipped", ["--epsilon", "inf"]), ("dp", ["--epsilon", "2"])):
-        fixed.seed(19)
+    same = ["--canary-draw", str(tmp_path / "clipped" / "audit" / "canaries.json")]
+    for name, privacy in (("clipped", ["--epsilon", "inf"]), ("dp", ["--epsilon", "2", *same])):
         run = tmp_path / name
         assert main(["simulate", *SMALL, *privacy, "--out", str(run)]) == 0
         capsys.readouterr()
@@ -43,3 +43,23 @@ def test_the_no_noise_run_shows_the_leak_and_the_dp_run_stays_below_its_epsilon(
     assert 0 < dp["epsilon_accounted"] <= 2.0 + 1e-6
     assert dp["epsilon_lower_bound"] < dp["epsilon_accounted"]
     assert dp["delta"] == 1e-5 and dp["site"] == clipped["site"] == "site-0"
+    assert (tmp_path / "dp" / "audit" / "canaries.json").read_text() == \
+        (tmp_path / "clipped" / "audit" / "canaries.json").read_text()  # the same canaries
+
+
+def test_a_reused_draw_plants_the_same_canaries_and_a_mismatch_is_refused(tmp_path):
+    from fedrnn.shared.config import RunConfig
+    from fedrnn.shared.errors import ConfigError
+    from fedrnn.simulations.simulate import prepare
+
+    base = RunConfig(dataset="synthetic", clients=3, canaries=30)
+    first = prepare(base.replace(out=str(tmp_path / "a")))
+    draw = tmp_path / "a" / "audit" / "canaries.json"
+    assert first.canary_site == "site-0"  # round 1 samples every site: the first trains
+    again = prepare(base.replace(out=str(tmp_path / "b"), canary_draw=str(draw)))
+    assert (tmp_path / "b" / "audit" / "canaries.json").read_text() == draw.read_text()
+    assert again.canary_site == first.canary_site
+    with pytest.raises(ConfigError, match="holds 30 canaries"):
+        prepare(base.replace(out=str(tmp_path / "c"), canaries=40, canary_draw=str(draw)))
+    with pytest.raises(ConfigError, match="not one of the run's sites"):
+        prepare(base.replace(out=str(tmp_path / "d"), canary_site="site-9"))
