@@ -77,6 +77,11 @@ class Audit:
                 None if self.user_level is None else self.user_level.to_json()}
 
 
+class NothingToAudit(FedrnnError):
+    """A run with no ledger and no user-level record: trained without DP, or clipped
+    without noise. Its empirical audit still applies; a damaged ledger is never this."""
+
+
 def audit(path: str | Path) -> Audit:
     """Read ``path`` (run dir, ledger file or ledger dir) and recompute every site's spend."""
     path = Path(path)
@@ -98,7 +103,7 @@ def audit(path: str | Path) -> Audit:
     else:
         ledgers = sorted(path.glob("*.sqlite"))
     if not ledgers and user_level is None:
-        raise FedrnnError(f"{path}: no ledgers found (*.sqlite) and no user-level record")
+        raise NothingToAudit(f"{path}: no ledgers found (*.sqlite) and no user-level record")
     sites = [site for ledger in ledgers for site in _read_ledger(ledger)]
     return Audit(source=path, sites=sites, user_level=user_level, run_config=run_config)
 

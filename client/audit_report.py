@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import html
 from datetime import UTC, datetime
+from typing import Any
 
 from fedrnn.client.audit import Audit, table
+from fedrnn.client.empirical.report import html_section
 from fedrnn.shared.plots import png_bytes, pyplot
 
 MECHANISMS = """
@@ -47,20 +49,27 @@ def plot(result: Audit) -> bytes:
     return png_bytes(fig)
 
 
-def render_html(result: Audit) -> str:
-    image = base64.b64encode(plot(result)).decode()
-    config = (f"<h2>Run configuration</h2><pre>{html.escape(result.run_config)}</pre>"
-              if result.run_config else "")
+def render_html(result: Audit | None, empirical: dict[str, Any] | None = None) -> str:
+    """The report: spend per site (``result``, None for a run without ledgers) and the
+    empirical audit's section with its canaries' loss distributions (``empirical``)."""
+    spend = source = config = ""
+    if result is not None:
+        image = base64.b64encode(plot(result)).decode()
+        spend = (f"<h2>Spend per site</h2><pre>{html.escape(table(result))}</pre>"
+                 f'<img alt="epsilon per round per site" src="data:image/png;base64,{image}">')
+        source = f"Source: <code>{html.escape(str(result.source))}</code>; "
+        config = (f"<h2>Run configuration</h2><pre>{html.escape(result.run_config)}</pre>"
+                  if result.run_config else "")
+    tested = "" if empirical is None else html_section(empirical)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fedrnn privacy audit</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 pre{{background:#f5f5f5;padding:1em;overflow-x:auto;font-size:12px}}</style></head>
 <body><h1>fedrnn privacy audit</h1>
-<p>Source: <code>{html.escape(str(result.source))}</code>; generated
-{datetime.now(UTC).isoformat(timespec="seconds")}.</p>
+<p>{source}generated {datetime.now(UTC).isoformat(timespec="seconds")}.</p>
 <h2>Mechanisms and what they protect</h2>{MECHANISMS}
-<h2>Spend per site</h2><pre>{html.escape(table(result))}</pre>
-<img alt="epsilon per round per site" src="data:image/png;base64,{image}">
+{spend}
+{tested}
 {config}
 </body></html>
 """

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from fedrnn.client.spending import Planner, charge, noise_for
 from fedrnn.shared import protocol as P
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.data import ClientData, client_data
+from fedrnn.shared.data.canaries import is_planted
 from fedrnn.shared.models import SequenceModel
 from fedrnn.shared.privacy import sample_rate, steps_per_round
 from fedrnn.shared.randomness import SiteRandomness
@@ -86,12 +88,12 @@ def train_round(site: Site, config: RunConfig, server_round: int,
             raise Declined(P.DECLINED_POLICY, "record-level DP is required")
         result = train_local(model, site.data.train, config, noise_multiplier=None,
                              randomness=site.randomness)
-        return _train_metrics(site, config, len(site.data.train), result, math.inf)
+        return _train_metrics(site, config, site.data.train_keys, result, math.inf)
     if not site.deployed and not config.calibrate_noise and config.noise_multiplier == 0:
         # clipping without noise (a simulation's --epsilon inf): no DP release to account
         result = train_local(model, site.data.train, config, noise_multiplier=0.0,
                              randomness=site.randomness)
-        return _train_metrics(site, config, len(site.data.train), result, math.inf)
+        return _train_metrics(site, config, site.data.train_keys, result, math.inf)
     with Ledger(site.ledger, own=site.deployed) as ledger:
         charged = charge(
             ledger, keys=site.data.train_keys, budget=site.budget(config),
@@ -108,7 +110,7 @@ def train_round(site: Site, config: RunConfig, server_round: int,
     if result.history != [charged.entry]:
         # Never release an update whose mechanism differs from what was charged.
         raise RuntimeError(f"DP-SGD ran {result.history}, but {charged.entry} was charged")
-    return _train_metrics(site, config, len(records), result, charged.epsilon_max,
+    return _train_metrics(site, config, charged.keys, result, charged.epsilon_max,
                           charged.entry)
 
 
@@ -174,9 +176,12 @@ def _release(site: Site, config: RunConfig, server_round: int, purpose: str, mec
                    clip_norm=clip_norm, delta=0.0)
 
 
-def _train_metrics(site: Site, config: RunConfig, n_records: int, result,  # noqa: ANN001
+def _train_metrics(site: Site, config: RunConfig, keys: Collection[str], result,  # noqa: ANN001
                    spent: float, entry: tuple[float, float, int] | None = None,
                    ) -> dict[str, float]:
+    # An audited simulation's canaries are counted nowhere the server sees: how many of
+    # them trained would tell the server the sum of their secret draw.
+    n_records = sum(1 for key in keys if not is_planted(key))
     metrics = {
         P.UNIT_WEIGHT: 1,
         P.STEPS: result.steps,

@@ -50,7 +50,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
                 "dp_level", "user_noise_multiplier", "user_clip_norm"),
     "ledger": ("budget_epsilon", "budget_delta", "ledger_dir"),
     "run": ("round_timeout", "seed", "out", "run_id"),
-    "audit": ("canary_clients",),
+    "audit": ("canaries", "canary_site", "canary_secrets", "canary_repeats", "canary_draw",
+              "canary_clients"),
 }
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -153,6 +154,18 @@ class RunConfig:
     seed: int = _opt(0, "random seed (data split, model init, sampling, noise)")
     out: str = _opt("", "run directory (default runs/<time>)")
     run_id: str = _opt("", "name of the run in the ledgers (default: from the run directory)")
+    # --- empirical audit (simulation only; docs/empirical-audit.md) ---------------------------
+    canaries: int = _opt(0, "canary records planted at the canary site, each trained on with "
+                         "probability 1/2 by a secret draw kept in <out>/audit/canaries.json "
+                         "(fedrnn audit RUN --empirical)")
+    canary_site: str = _opt("", "the site that holds the canaries (default: the first site "
+                            "that trains)")
+    canary_secrets: int = _opt(0, "random secrets ('my code is 4 8 1 5 0 9') planted at the "
+                               "canary site for the exposure test (task lm)")
+    canary_repeats: int = _opt(1, "copies of each secret in the canary site's records")
+    canary_draw: str = _opt("", "plant the canaries of an earlier run (its audit/canaries.json) "
+                            "instead of a fresh draw: the same canaries in a DP and a "
+                            "no-noise run")
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -218,6 +231,11 @@ class RunConfig:
             # and noise of whole updates (user-level DP) bound what it reveals
             problems.append("canary-clients audits user-level DP: use it with --dp-level "
                             "user or both")
+        if self.canaries < 0 or self.canary_secrets < 0 or self.canary_repeats < 1:
+            problems.append("canaries and canary-secrets must be >= 0, canary-repeats >= 1")
+        if self.canary_secrets and self.task != "lm":
+            problems.append("canary-secrets needs task lm (secrets are text a language model "
+                            "can complete)")
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -13,6 +13,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 
@@ -22,6 +23,9 @@ from fedrnn.shared.config import RunConfig
 from fedrnn.shared.errors import ConfigError, FedrnnError
 from fedrnn.shared.run_records import METRICS_FILE, SUMMARY_FILE
 from fedrnn.simulations.ray_setup import CPUS_PER_CLIENT, start_ray
+
+if TYPE_CHECKING:
+    from fedrnn.server.sampling import ClientSampler
 
 log = logging.getLogger("fedrnn")
 
@@ -70,11 +74,42 @@ def prepare(config: RunConfig) -> RunConfig:
                       sizes=partition_sizes(config))
     except FedrnnError as exc:
         raise ConfigError(str(exc)) from None
-    client_data(config, 0)  # fail here, not later inside a Ray worker
     out = Path(config.out or default_out_dir())
     if (out / METRICS_FILE).exists():
         raise ConfigError(f"{out} already holds a run; choose another --out or remove it")
-    return config.replace(out=str(out))
+    config = config.replace(out=str(out))
+    if config.canaries or config.canary_secrets:
+        config = plant_canaries(config, names, ClientSampler(range(config.clients), config))
+    client_data(config, 0)  # fail here, not later inside a Ray worker
+    return config
+
+
+def plant_canaries(config: RunConfig, names: list[str], sampler: ClientSampler) -> RunConfig:
+    """Choose the canary site (``canary-site``, else the first site that trains), draw
+    which canaries it trains on, and keep the draw in ``<out>/audit/canaries.json``."""
+    from fedrnn.shared.data.canaries import new_draw, read_draw_file, write_draw
+
+    site = config.canary_site or names[sampler.sample(1, "train")[0]]
+    draw = None
+    if config.canary_draw:  # another run's canaries, exactly
+        try:
+            draw = read_draw_file(config.canary_draw)
+        except OSError as exc:
+            raise ConfigError(f"canary-draw {config.canary_draw}: {exc.strerror}") from None
+        if (len(draw.included), draw.secrets, draw.repeats) != (
+                config.canaries, config.canary_secrets, config.canary_repeats):
+            raise ConfigError(f"canary-draw {config.canary_draw} holds {len(draw.included)} "
+                              f"canaries and {draw.secrets} secret(s) x {draw.repeats}; this "
+                              f"run asks for --canaries {config.canaries}, --canary-secrets "
+                              f"{config.canary_secrets} x {config.canary_repeats}")
+        site = draw.site
+    if site not in names:
+        raise ConfigError(f"canary-site {site!r} is not one of the run's sites "
+                          f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+    path = write_draw(config.out, draw or new_draw(config, site))
+    log.info("%d canaries and %d secret(s) planted at site %s (draw: %s)", config.canaries,
+             config.canary_secrets, site, path)
+    return config.replace(canary_site=site)
 
 
 class _HideDeprecation(logging.Filter):

@@ -11,7 +11,9 @@ Public surface:
 - ``site_data(config, path, secret=..., eval_fraction=...)``: a deployed site's train/eval
   tensors from its own file, split by the site's own key;
 - ``encode_records(corpus, config, scaling=...)``: every record of a file encoded as
-  training encoded it, for using a trained model (``fedrnn predict``).
+  training encoded it, for using a trained model (``fedrnn predict``);
+- ``canary_tensors(config, draw)``, ``text_tensors``: an audited run's canaries and
+  secrets encoded as its canary site encoded them (``shared.data.canaries``).
 
 Every client's records carry their keys (``shared.data.identity``): what the ledger
 charges, record by record.
@@ -29,21 +31,30 @@ import torch
 
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.data.builtin import load_builtin
+from fedrnn.shared.data.canaries import (
+    CANARY_KEY,
+    SECRET_KEY,
+    CanaryDraw,
+    canary_corpus,
+    draw_path,
+    read_draw,
+    secret_texts,
+)
 from fedrnn.shared.data.corpus import Corpus
 from fedrnn.shared.data.identity import held_out, record_keys, seeded_secret
 from fedrnn.shared.data.partition import is_holdout_client, left_out_clients, partition
 from fedrnn.shared.data.readers import read_file
 from fedrnn.shared.data.tensors import SequenceTensors, encode_series, encode_text, local_scaling
 from fedrnn.shared.data.tokenizers import make_tokenizer
-from fedrnn.shared.errors import DataError
+from fedrnn.shared.errors import ConfigError, DataError
 from fedrnn.shared.tasks import get_task
 
 log = logging.getLogger("fedrnn")
 
-__all__ = ["ClientData", "Corpus", "EncodedRecords", "SequenceTensors", "check_kind",
-           "check_schema", "client_data", "encode_records", "load_corpus", "partition_corpus",
-           "partition_notes", "partition_sizes", "reference_scaling", "resolve", "site_data",
-           "split_indices"]
+__all__ = ["ClientData", "Corpus", "EncodedRecords", "SequenceTensors", "canary_tensors",
+           "check_kind", "check_schema", "client_data", "encode_records", "load_corpus",
+           "partition_corpus", "partition_notes", "partition_sizes", "planted_tensors",
+           "reference_scaling", "resolve", "site_data", "split_indices", "text_tensors"]
 
 
 def load_corpus(config: RunConfig) -> Corpus:
@@ -230,8 +241,71 @@ class ClientData:
 
 
 def client_data(config: RunConfig, partition_id: int) -> ClientData:
-    """One simulated client's tensors, built once per process and reused across rounds."""
-    return _client_data_cached(_data_only(config), partition_id)
+    """One simulated client's tensors, built once per process and reused across rounds.
+    The canary site's training part ends with the canaries its draw includes
+    (``shared.data.canaries``); no other client's data holds any."""
+    data = _client_data_cached(_data_only(config), partition_id)
+    if (config.canaries or config.canary_secrets) and data.name == config.canary_site:
+        return _planted_cached(_data_only(config), partition_id, config.out)
+    return data
+
+
+@functools.lru_cache(maxsize=2)
+def _planted_cached(config: RunConfig, partition_id: int, out: str) -> ClientData:
+    data = _client_data_cached(config, partition_id)
+    draw = read_draw(out)
+    if draw is None or draw.site != data.name:
+        raise ConfigError(f"{draw_path(out)}: no canary draw for site {data.name} (canaries "
+                          "are planted by fedrnn simulate, which writes it)")
+    planted = planted_tensors(config, draw)
+    keys = [f"{CANARY_KEY}{i}" for i, inside in enumerate(draw.included) if inside]
+    keys += [f"{SECRET_KEY}{k}:{j}" for k in range(draw.secrets) for j in range(draw.repeats)]
+    return ClientData(name=data.name, train=concat(data.train, planted), eval=data.eval,
+                      train_keys=data.train_keys + keys, eval_keys=data.eval_keys)
+
+
+def canary_tensors(config: RunConfig, draw: CanaryDraw) -> SequenceTensors:
+    """Every one-run canary of ``draw`` (included or not), in order, encoded as the canary
+    site encodes its records; labels set where the task has them."""
+    corpus = canary_corpus(config, draw, config.label_names)
+    every = np.arange(len(corpus), dtype=np.int64)
+    if corpus.kind == "text":
+        return _encode_text(corpus, config, every)
+    n = len(corpus.feature_names)
+    return _encode_series(corpus, config, every, np.zeros(n), np.ones(n))
+
+
+def text_tensors(config: RunConfig, texts: list[str]) -> SequenceTensors:
+    """``texts`` encoded as the run's clients encode text records (no labels)."""
+    corpus = Corpus(kind="text", source="texts", texts=texts)
+    return _encode_text(corpus, config, np.arange(len(texts), dtype=np.int64), labelled=False)
+
+
+def planted_tensors(config: RunConfig, draw: CanaryDraw) -> SequenceTensors:
+    """What the canary site trains on beyond its records: the included canaries, then each
+    secret ``repeats`` times."""
+    parts = []
+    if draw.included:
+        parts.append(canary_tensors(config, draw).subset(np.array(draw.included, dtype=bool)))
+    if draw.secrets:
+        parts.append(text_tensors(config, [t for t in secret_texts(draw)
+                                           for _ in range(draw.repeats)]))
+    result = parts[0]
+    for part in parts[1:]:
+        result = concat(result, part)
+    return result
+
+
+def concat(a: SequenceTensors, b: SequenceTensors) -> SequenceTensors:
+    """``a``'s records then ``b``'s, padded to one width (padding is 0 in both encodings)."""
+    width = max(a.inputs.shape[1], b.inputs.shape[1])
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        extra = [0, 0] * (x.dim() - 2) + [0, width - x.shape[1]]
+        return torch.nn.functional.pad(x, extra)
+
+    return SequenceTensors(torch.cat([pad(a.inputs), pad(b.inputs)]),
+                           torch.cat([a.lengths, b.lengths]), torch.cat([a.labels, b.labels]))
 
 
 _DATA_FIELDS = ("dataset", "data", "task", "tokenizer", "vocab_size", "max_len", "labels",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedrnn.client.empirical_user import user_level_section
+from fedrnn.client.empirical.user_level import user_level_section
 from fedrnn.server.records import RunRecord
 from fedrnn.shared import canary_clients as cc
 from fedrnn.shared.config import RunConfig

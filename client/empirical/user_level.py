@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedrnn.client.empirical.sections import register_section
 from fedrnn.shared import canary_clients
 from fedrnn.shared.errors import FedrnnError
 from fedrnn.shared.model_card import load_model
@@ -52,6 +53,7 @@ def model_change(run_dir: Path) -> np.ndarray:
         - canary_clients.flatten({k: initial[k].numpy() for k in names})
 
 
+@register_section("user_level")
 def user_level_section(run_dir: Path, *, unseen: int = UNSEEN) -> dict[str, Any] | None:
     """The ``user_level`` section of the empirical audit's JSON, or None when the run had
     no canary clients.

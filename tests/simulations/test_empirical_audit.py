@@ -1,0 +1,65 @@
+"""The empirical audit as a privacy researcher runs it: one task, one draw of canaries,
+trained without noise and with DP; the no-noise model shows the leak, the DP model's
+bound stays below what its ledger accounts, and nothing the server writes holds a canary."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from fedrnn.shared.cli import main
+from fedrnn.shared.data import canaries
+
+SMALL = ["--dataset", "synthetic", "--clients", "2", "--rounds", "8", "--local-epochs", "5",
+         "--canaries", "500", "--seed", "3"]
+
+
+@pytest.mark.e2e
+def test_the_no_noise_run_shows_the_leak_and_the_dp_run_stays_below_its_epsilon(
+        tmp_path, capsys, monkeypatch):
+    # a fixed stand-in for the operating system's entropy: the same draw on every machine
+    fixed = random.Random(19)
+    monkeypatch.setattr(canaries.secrets, "randbits", lambda bits: fixed.getrandbits(bits))
+    found = {}
+    same = ["--canary-draw", str(tmp_path / "clipped" / "audit" / "canaries.json")]
+    for name, privacy in (("clipped", ["--epsilon", "inf"]), ("dp", ["--epsilon", "2", *same])):
+        run = tmp_path / name
+        assert main(["simulate", *SMALL, *privacy, "--out", str(run)]) == 0
+        capsys.readouterr()
+        assert main(["audit", str(run), "--empirical", "--json"]) == 0
+        found[name] = json.loads(capsys.readouterr().out)["empirical"]
+        draw = json.loads((run / "audit" / "canaries.json").read_text())
+        # nothing the server wrote holds the draw or a planted record
+        for path in run.iterdir():
+            if path.is_file() and path.suffix in (".json", ".jsonl", ".toml"):
+                text = path.read_text()
+                assert draw["seed"] not in text and "canary:" not in text, path
+    clipped, dp = found["clipped"], found["dp"]
+    assert clipped["epsilon_accounted"] == "inf" and clipped["method"] == "one-run"
+    assert clipped["canaries"] == 500 and clipped["confidence"] == 0.95
+    assert clipped["epsilon_lower_bound"] > 0.5  # the leak, seen
+    assert 0 < dp["epsilon_accounted"] <= 2.0 + 1e-6
+    assert dp["epsilon_lower_bound"] < dp["epsilon_accounted"]
+    assert dp["delta"] == 1e-5 and dp["site"] == clipped["site"] == "site-0"
+    assert (tmp_path / "dp" / "audit" / "canaries.json").read_text() == \
+        (tmp_path / "clipped" / "audit" / "canaries.json").read_text()  # the same canaries
+
+
+def test_a_reused_draw_plants_the_same_canaries_and_a_mismatch_is_refused(tmp_path):
+    from fedrnn.shared.config import RunConfig
+    from fedrnn.shared.errors import ConfigError
+    from fedrnn.simulations.simulate import prepare
+
+    base = RunConfig(dataset="synthetic", clients=3, canaries=30)
+    first = prepare(base.replace(out=str(tmp_path / "a")))
+    draw = tmp_path / "a" / "audit" / "canaries.json"
+    assert first.canary_site == "site-0"  # round 1 samples every site: the first trains
+    again = prepare(base.replace(out=str(tmp_path / "b"), canary_draw=str(draw)))
+    assert (tmp_path / "b" / "audit" / "canaries.json").read_text() == draw.read_text()
+    assert again.canary_site == first.canary_site
+    with pytest.raises(ConfigError, match="holds 30 canaries"):
+        prepare(base.replace(out=str(tmp_path / "c"), canaries=40, canary_draw=str(draw)))
+    with pytest.raises(ConfigError, match="not one of the run's sites"):
+        prepare(base.replace(out=str(tmp_path / "d"), canary_site="site-9"))
