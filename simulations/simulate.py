@@ -144,8 +144,7 @@ def simulate(config: RunConfig, *, verbose: bool = False,
              "all per round" if not config.clients_per_round
              else f"{config.clients_per_round} per round", config.rounds, config.model,
              config.data or config.dataset,
-             f"DP epsilon {config.epsilon:g} delta {config.delta:g}" if config.mechanism.private
-             else "no DP")
+             _privacy_line(config))
 
     flwr_logger = logging.getLogger("flwr")
     if not verbose:
@@ -202,3 +201,16 @@ def _prepare_and_import(config: RunConfig) -> RunConfig:
     import fedrnn.client.app  # noqa: F401  (the ClientApp, without Opacus: see its module docstring)
 
     return config
+
+
+def _privacy_line(config: RunConfig) -> str:
+    """What the run promises, as its first log line says it: the record-level target of
+    the sites, the user-level noise of the server, or both."""
+    mech = config.mechanism
+    parts = []
+    if mech.sites_run_dpsgd:
+        parts.append(f"record-level DP epsilon {config.epsilon:g} delta {config.delta:g}")
+    if mech.server_clips_and_noises:
+        parts.append(f"user-level DP noise {config.user_noise_multiplier:g} x clip "
+                     f"{config.user_clip_norm:g}")
+    return " and ".join(parts) or "no DP"

@@ -15,6 +15,7 @@ import pytest
 from conftest import releases_by_site
 
 from fedrnn.shared.cli import main
+from fedrnn.shared.config import RunConfig
 from fedrnn.shared.models import load_trained
 
 
@@ -237,3 +238,17 @@ def test_init_from_a_finished_run_starts_where_it_ended(tmp_path):
     assert abs(started - ended) < 0.5 * (fresh_loss - ended)
     assert main([*common, "--rounds", "1", "--hidden-size", "16", "--init-from", str(first),
                  "--out", str(tmp_path / "wrong")]) == 2
+
+
+@pytest.mark.parametrize(("flags", "said"), [
+    ({}, "record-level DP epsilon 8 delta 1e-05"),
+    ({"dp_level": "user"}, "user-level DP noise 1 x clip 1"),
+    ({"dp_level": "both", "epsilon": 3.0},
+     "record-level DP epsilon 3 delta 1e-05 and user-level DP noise 1 x clip 1"),
+    ({"dp": False}, "no DP"),
+])
+def test_the_first_log_line_names_the_privacy_the_run_has(flags, said):
+    # a user-level run once announced the record-level epsilon it never targets
+    from fedrnn.simulations.simulate import _privacy_line
+
+    assert _privacy_line(RunConfig(**flags)) == said
