@@ -63,12 +63,16 @@ class Received:
     updates: list[Message]
     declined: list[Message]
     lost: dict[str, list[int]]  # node ids: "failed", "timed_out", "rejected" (messaging)
-    clients: int  # partition ids from this one on are canary clients (shared.canary_clients)
+    # partition ids from this one on are canary clients (shared.canary_clients); None when
+    # the run has none, as every deployment (whose partition ids are Flower's node ids)
+    clients: int | None
 
     @property
     def site_updates(self) -> list[Message]:
         """The updates of sites, without the canary clients' (which hold no records and
         count in no metric)."""
+        if self.clients is None:
+            return self.updates
         return [m for m in self.updates if not canary_clients.is_canary(
             self.phase.partitions[m.metadata.src_node_id], clients=self.clients)]
 
@@ -188,7 +192,8 @@ class Federation:
         # for bit
         updates.sort(key=lambda m: trainers[m.metadata.src_node_id])
         self.exhausted |= {trainers[m.metadata.src_node_id] for m in declined}
-        return Received(training, updates, declined, lost, clients=self.config.clients)
+        return Received(training, updates, declined, lost,
+                        clients=self.config.clients if self.config.canary_clients else None)
 
     def aggregate(self, server_round: int, received: Received) -> dict[str, Any]:
         """The strategy's aggregate of the updates becomes the global weights (and a

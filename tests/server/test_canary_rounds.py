@@ -60,6 +60,12 @@ def test_canary_updates_are_aggregated_but_not_counted():
     received = Received(phase, updates, [], {"failed": [], "timed_out": [], "rejected": []},
                         clients=3)
     assert [m.metadata.src_node_id for m in received.site_updates] == [11, 12]
+    # a run without canaries (every deployment: its partition ids are Flower's node ids,
+    # far above --clients) counts every reply as a site's
+    deployed = Phase("train", [None] * 3, set(), {11: 11, 12: 12, 14: 14}, None, None, 3)
+    received_deployed = Received(deployed, updates[:3], [], {"failed": [], "timed_out": [],
+                                                             "rejected": []}, clients=None)
+    assert [m.metadata.src_node_id for m in received_deployed.site_updates] == [11, 12, 14]
     run = SimpleNamespace(config=CONFIG, strategy=strategy, user_history=[], arrays=None)
     metrics = Federation.aggregate(run, 1, received)
     assert metrics[CLIENTS] == 2 and metrics[P.TRAIN_LOSS] == pytest.approx(0.5)
