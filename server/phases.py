@@ -45,6 +45,7 @@ from fedrnn.shared import canary_clients
 from fedrnn.shared import protocol as P
 from fedrnn.shared.config import RunConfig
 from fedrnn.shared.data import partition_sizes
+from fedrnn.shared.data.canaries import draw_path
 from fedrnn.shared.errors import ConfigError, FedrnnError
 from fedrnn.shared.models import build_model
 from fedrnn.shared.plots import import_in_background
@@ -110,6 +111,12 @@ class Federation:
         if config.canary_clients and not is_simulation(grid):
             raise ConfigError("canary-clients is for simulations (fedrnn simulate): a "
                               "deployment's clients are its sites")
+        if (config.canaries or config.canary_secrets) and not draw_path(config.out).is_file():
+            # `fedrnn simulate` draws the canaries before any site starts; `flwr run` has
+            # nobody to draw them, and every site would fail on its first round
+            raise ConfigError("canaries and canary-secrets are planted by fedrnn simulate "
+                              f"(no draw at {draw_path(config.out)}): run the audited "
+                              "simulation with fedrnn simulate --canaries M")
         self.arrays = ArrayRecord(initial_weights(config))  # a resume replaces them below
         self.strategy = build_strategy(config, available=config.clients,
                                        server_draws=is_simulation(grid),

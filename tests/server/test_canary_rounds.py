@@ -18,6 +18,7 @@ from fedrnn.server.sampling import ClientSampler, phase_slots
 from fedrnn.server.strategy import CLIENTS, build_strategy
 from fedrnn.shared import protocol as P
 from fedrnn.shared.config import RunConfig
+from fedrnn.shared.errors import ConfigError
 
 GLOBAL = {"w": np.ones((4, 3), dtype=np.float32)}
 CONFIG = RunConfig(dp_level="user", clients=3, canary_clients=2, seed=1)
@@ -72,3 +73,10 @@ def test_canary_updates_are_aggregated_but_not_counted():
     # the release counts all four updates: the noise covers the canaries too
     assert run.user_history == [(CONFIG.user_noise_multiplier * 4 / 5, 1.0, 1)]
     assert run.arrays is not None
+
+
+def test_canary_records_without_a_draw_stop_the_server_before_any_round(tmp_path):
+    # `flwr run --run-config canaries=...` has nobody to draw them: one error at the start,
+    # not every site failing its first round
+    with pytest.raises(ConfigError, match="planted by fedrnn simulate"):
+        Federation(None, RunConfig(canaries=10, out=str(tmp_path)))
