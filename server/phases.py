@@ -41,10 +41,10 @@ from fedrnn.server.strategy import (
     user_level_release,
 )
 from fedrnn.server.validation import Shape, check_evaluate_reply, check_train_reply, uniform_weight
-from fedrnn.shared import canary_clients
+from fedrnn.shared import canary_clients, canary_releases
 from fedrnn.shared import protocol as P
 from fedrnn.shared.config import RunConfig
-from fedrnn.shared.data import partition_sizes
+from fedrnn.shared.data import partition_corpus, partition_sizes
 from fedrnn.shared.data.canaries import draw_path
 from fedrnn.shared.errors import ConfigError, FedrnnError
 from fedrnn.shared.models import build_model
@@ -168,6 +168,11 @@ class Federation:
         # to do both.
         self.pipelined = self.sampler is not None
         self.last_row_at = time.monotonic()
+        # the canary site's partition id: its replies are kept for the white-box audit
+        # (shared.canary_releases); a deployment plants no canaries and keeps nothing
+        self.canary_partition: int | None = None
+        if config.canaries and config.canary_site and self.sampler is not None:
+            self.canary_partition = partition_corpus(config)[0].index(config.canary_site)
 
     @property
     def out_of_budget(self) -> bool:
@@ -206,6 +211,7 @@ class Federation:
         """The strategy's aggregate of the updates becomes the global weights (and a
         user-level release is accounted); returns the aggregated training metrics."""
         updates = received.updates
+        self.keep_canary_release(server_round, received)
         if self.config.user_level:
             updates = [uniform_weight(m) for m in updates]
         new_arrays, train_metrics = self.strategy.aggregate_train(server_round, updates)
@@ -222,6 +228,18 @@ class Federation:
                     self.config, received=len(updates), sampled=len(received.phase.messages),
                     available=received.phase.available))
         return dict(train_metrics or {})
+
+    def keep_canary_release(self, server_round: int, received: Received) -> None:
+        """Keep the canary site's reply of this round beside the weights it was sent (the
+        global weights, not yet replaced by this round's aggregate)."""
+        if self.canary_partition is None:
+            return
+        for message in received.updates:
+            if received.phase.partitions[message.metadata.src_node_id] == self.canary_partition:
+                canary_releases.write_release(
+                    self.record.dir, server_round=server_round,
+                    received=self.arrays.to_torch_state_dict(),
+                    released=message.content.array_records[P.ARRAYS].to_torch_state_dict())
 
     def push_evaluation(self, server_round: int) -> Phase:
         """Send ``server_round``'s evaluation of the current global weights."""

@@ -1,15 +1,17 @@
 """The record-level one-run audit (Steinke, Nasr and Jagielski, NeurIPS 2023).
 
-Every canary is scored by its loss under the final model (black box: lower loss, more
-likely trained on). The auditor guesses "in" for the ``k+`` lowest losses and "out" for
-the ``k-`` highest, abstaining on the rest, and counts its correct guesses against the
-secret draw. ``shared.audit_bounds`` turns (canaries, guesses, correct, delta) into a
-lower bound on epsilon.
+Every canary gets two scores, each lower for a canary more likely trained on: its loss
+under the final model (``loss``, black box) and, when the run kept the canary site's
+releases, its coefficients in those releases (``release``, white box: ``white_box``). For
+each score the auditor guesses "in" for the ``k+`` lowest and "out" for the ``k-``
+highest, abstaining on the rest, and counts its correct guesses against the secret draw.
+``shared.audit_bounds`` turns (canaries, guesses, correct, delta) into a lower bound on
+epsilon.
 
-Choosing ``(k+, k-)`` after seeing the scores would overstate the bound, so the choices are
-fixed in advance (``GUESS_PLANS``) and every one is tried at confidence
-``1 - (1 - CONFIDENCE) / len(plans)`` (Bonferroni): the largest of their bounds holds at
-``CONFIDENCE`` overall. Every plan tried is reported.
+Choosing the score or ``(k+, k-)`` after seeing the scores would overstate the bound, so
+the choices are fixed in advance (``SCORES`` x ``GUESS_PLANS``) and every pair is tried at
+confidence ``1 - (1 - CONFIDENCE) / pairs`` (Bonferroni): the largest of their bounds
+holds at ``CONFIDENCE`` overall. Every pair tried is reported.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import numpy as np
 
 from fedrnn.client.empirical.scores import load_audited, record_losses
 from fedrnn.client.empirical.sections import register_section
+from fedrnn.client.empirical.white_box import release_scores
 from fedrnn.shared.audit_bounds import epsilon_lower_bound
+from fedrnn.shared.canary_releases import read_releases
 from fedrnn.shared.data import canary_tensors
 from fedrnn.shared.run_records import json_value
 
@@ -33,6 +37,12 @@ CONFIDENCE = 0.95
 GUESS_PLANS: tuple[tuple[float, float], ...] = (
     (0.02, 0.0), (0.05, 0.0), (0.1, 0.0), (0.2, 0.0), (0.05, 0.05), (0.1, 0.1), (0.25, 0.25),
 )
+# The scores, each lower for a canary more likely trained on. Every run is charged for
+# both in the correction, whether or not it kept the releases the second one needs.
+SCORES: dict[str, str] = {
+    "loss": "loss under the final model (lower: guessed in)",
+    "release": "coefficient in the canary site's releases (higher: guessed in)",
+}
 
 
 def guesses(losses: np.ndarray, included: np.ndarray, *, k_in: int, k_out: int
@@ -47,25 +57,35 @@ def guesses(losses: np.ndarray, included: np.ndarray, *, k_in: int, k_out: int
     return k_in + k_out, correct
 
 
-def one_run_bound(losses: np.ndarray, included: np.ndarray, *, delta: float,
+def one_run_bound(scores: dict[str, np.ndarray], included: np.ndarray, *, delta: float,
                   confidence: float = CONFIDENCE,
-                  plans: tuple[tuple[float, float], ...] = GUESS_PLANS) -> dict[str, Any]:
-    """The largest lower bound over ``plans``, each at the Bonferroni-corrected level, and
-    every plan's (k+, k-, guesses, correct, bound)."""
-    m = len(losses)
-    each = 1 - (1 - confidence) / len(plans)
+                  plans: tuple[tuple[float, float], ...] = GUESS_PLANS,
+                  pairs: int | None = None) -> dict[str, Any]:
+    """The largest lower bound over every (score, plan) pair, each at the
+    Bonferroni-corrected level, and every pair's (score, k+, k-, guesses, correct, bound).
+
+    ``scores`` maps a score's name to one value a canary, lower meaning "in" is likelier.
+    ``pairs`` is the number of pairs the correction covers (default: those tried here); it
+    may exceed them, never be fewer."""
+    m = len(included)
+    tried_pairs = len(scores) * len(plans)
+    pairs = tried_pairs if pairs is None else pairs
+    if pairs < tried_pairs:
+        raise ValueError(f"the correction must cover the {tried_pairs} pairs tried, not {pairs}")
+    each = 1 - (1 - confidence) / pairs
     tried = []
-    for share_in, share_out in plans:
-        k_in, k_out = max(1, round(share_in * m)), round(share_out * m)
-        r, v = guesses(losses, included, k_in=k_in, k_out=k_out)
-        tried.append({"k_in": k_in, "k_out": k_out, "guesses": r, "correct": v,
-                      "epsilon_lower_bound": epsilon_lower_bound(m=m, r=r, v=v, delta=delta,
-                                                                 confidence=each)})
+    for name, values in scores.items():
+        for share_in, share_out in plans:
+            k_in, k_out = max(1, round(share_in * m)), round(share_out * m)
+            r, v = guesses(values, included, k_in=k_in, k_out=k_out)
+            tried.append({"score": name, "k_in": k_in, "k_out": k_out, "guesses": r,
+                          "correct": v, "epsilon_lower_bound": epsilon_lower_bound(
+                              m=m, r=r, v=v, delta=delta, confidence=each)})
     best = max(tried, key=lambda t: (t["epsilon_lower_bound"], t["correct"] / t["guesses"]))
     return {"epsilon_lower_bound": best["epsilon_lower_bound"], "confidence": confidence,
             "canaries": m, "guesses": best["guesses"], "correct": best["correct"],
-            "k_in": best["k_in"], "k_out": best["k_out"], "tried": tried,
-            "confidence_per_plan": each}
+            "k_in": best["k_in"], "k_out": best["k_out"], "best_score": best["score"],
+            "tried": tried, "confidence_per_plan": each}
 
 
 def accounted_epsilon(run_dir: Path, site: str) -> tuple[float, float]:
@@ -88,15 +108,22 @@ def one_run_section(run_dir: Path) -> dict[str, Any] | None:
     run = load_audited(run_dir)
     if run is None or not run.draw.included:
         return None
-    losses = record_losses(run.model, run.config, canary_tensors(run.config, run.draw))
+    tensors = canary_tensors(run.config, run.draw)
+    losses = record_losses(run.model, run.config, tensors)
+    scores = {"loss": losses}
+    releases = read_releases(run_dir)
+    if releases:
+        scores["release"] = release_scores(releases, run.config, tensors)
     included = np.array(run.draw.included, dtype=bool)
     accounted, delta = accounted_epsilon(run_dir, run.draw.site)
-    result = one_run_bound(losses, included, delta=delta)
+    result = one_run_bound(scores, included, delta=delta,
+                           pairs=len(SCORES) * len(GUESS_PLANS))
+    best = result.pop("best_score")
     return {
         "method": "one-run", "site": run.draw.site,
         "epsilon_lower_bound": result.pop("epsilon_lower_bound"),
         "epsilon_accounted": json_value(accounted), "delta": delta, **result,
-        "score": "loss (lower: guessed in)",
+        "score": SCORES[best], "releases": len(releases),
         "losses": {"included": losses[included].tolist(),
                    "excluded": losses[~included].tolist()},
     }

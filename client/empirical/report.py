@@ -27,11 +27,12 @@ def table(emp: dict[str, Any]) -> str:
             f"accounted epsilon {_eps(emp['epsilon_accounted'])}",
             f"  best plan: {emp['correct']} of {emp['guesses']} guesses correct "
             f"({emp['k_in']} guessed in, {emp['k_out']} out; score: {emp['score']})",
-            f"  every plan tried, each at {100 * emp['confidence_per_plan']:.2f}% "
-            "(Bonferroni):",
-            "    guessed in  guessed out  correct  bound",
+            f"  every (score, plan) pair tried, each at "
+            f"{100 * emp['confidence_per_plan']:.3f}% (Bonferroni; {emp['releases']} "
+            "release(s) of the canary site kept for the release score):",
+            "    score    guessed in  guessed out  correct  bound",
         ]
-        lines += [f"    {t['k_in']:>10}  {t['k_out']:>11}  {t['correct']:>7}  "
+        lines += [f"    {t['score']:<7}  {t['k_in']:>10}  {t['k_out']:>11}  {t['correct']:>7}  "
                   f"{t['epsilon_lower_bound']:.3f}" for t in emp["tried"]]
         if isinstance(emp["epsilon_accounted"], float) and \
                 emp["epsilon_lower_bound"] > emp["epsilon_accounted"]:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from fedrnn.client.empirical.exposure import exposure
 from fedrnn.client.empirical.one_run import GUESS_PLANS, guesses, one_run_bound
+from fedrnn.client.empirical.white_box import clipped, release_coefficients
 from fedrnn.shared.audit_bounds import epsilon_lower_bound
 
 
@@ -23,7 +25,7 @@ def test_separated_losses_give_a_clear_bound_and_coin_flips_none():
     rng = np.random.default_rng(0)
     included = rng.random(1000) < 0.5
     separated = np.where(included, rng.uniform(0, 1, 1000), rng.uniform(2, 3, 1000))
-    result = one_run_bound(separated, included, delta=1e-5)
+    result = one_run_bound({"loss": separated}, included, delta=1e-5)
     assert result["correct"] == result["guesses"]  # every plan is right on such losses
     assert result["epsilon_lower_bound"] > 3
     assert len(result["tried"]) == len(GUESS_PLANS)
@@ -31,8 +33,59 @@ def test_separated_losses_give_a_clear_bound_and_coin_flips_none():
     uncorrected = epsilon_lower_bound(m=1000, r=result["guesses"], v=result["correct"],
                                       delta=1e-5)
     assert result["epsilon_lower_bound"] < uncorrected
-    noise = one_run_bound(rng.normal(size=1000), included, delta=1e-5)
+    noise = one_run_bound({"loss": rng.normal(size=1000)}, included, delta=1e-5)
     assert noise["epsilon_lower_bound"] < 0.5
+
+
+def test_the_correction_covers_every_score_and_plan_pair():
+    rng = np.random.default_rng(1)
+    included = rng.random(1000) < 0.5
+    separated = np.where(included, 0.0, 1.0) + rng.uniform(0, 0.5, 1000)
+    one = one_run_bound({"loss": separated}, included, delta=0.0)
+    two = one_run_bound({"loss": separated, "release": rng.normal(size=1000)}, included,
+                        delta=0.0)
+    assert len(two["tried"]) == 2 * len(GUESS_PLANS)
+    assert {t["score"] for t in two["tried"]} == {"loss", "release"}
+    assert two["confidence_per_plan"] == 1 - 0.05 / (2 * len(GUESS_PLANS))
+    assert two["best_score"] == "loss"
+    assert two["epsilon_lower_bound"] < one["epsilon_lower_bound"]  # the larger correction
+    # a run without releases is charged for both scores all the same
+    charged = one_run_bound({"loss": separated}, included, delta=0.0,
+                            pairs=2 * len(GUESS_PLANS))
+    assert charged["epsilon_lower_bound"] == two["epsilon_lower_bound"]
+    with pytest.raises(ValueError, match="must cover"):
+        one_run_bound({"loss": separated, "release": separated}, included, delta=0.0, pairs=7)
+
+
+def _canary_gradients(rng, m=1000, p=4000):
+    # canaries that share a common part (their region, their label) plus their own
+    common = rng.normal(size=p)
+    return 0.8 * common + rng.normal(size=(m, p)) / np.sqrt(p) * 3, common
+
+
+def test_an_update_that_moves_the_included_canaries_gives_a_clear_bound():
+    rng = np.random.default_rng(2)
+    included = rng.random(1000) < 0.5
+    gradients, common = _canary_gradients(rng)
+    # a descent step on the included canaries, plus the rest of the site's records (noise
+    # in every direction) and a large shift along what all canaries share
+    update = -0.01 * gradients[included].sum(0) - 2.0 * common \
+        + rng.normal(size=gradients.shape[1]) * 0.01
+    scores = -release_coefficients(gradients, update)
+    result = one_run_bound({"release": scores}, included, delta=0.0)
+    assert result["epsilon_lower_bound"] > 2
+    # the loss drop alone (the inner product with each gradient) is swamped by the shift
+    naive = one_run_bound({"drop": gradients @ update}, included, delta=0.0)
+    assert naive["epsilon_lower_bound"] < result["epsilon_lower_bound"]
+
+
+def test_a_noise_only_update_gives_no_bound():
+    rng = np.random.default_rng(3)
+    included = rng.random(1000) < 0.5
+    gradients, common = _canary_gradients(rng)
+    update = rng.normal(size=gradients.shape[1]) - 2.0 * common
+    scores = -release_coefficients(gradients, update)
+    assert one_run_bound({"release": scores}, included, delta=0.0)["epsilon_lower_bound"] < 0.3
 
 
 def test_exposure_is_log2_space_less_log2_rank():
@@ -50,3 +103,9 @@ def test_a_run_without_canaries_ends_in_one_message(tmp_path, capsys):
     assert main(["audit", str(tmp_path), "--empirical"]) != 0
     err = capsys.readouterr().err
     assert "no canaries" in err and "--canaries M" in err and "Traceback" not in err
+
+
+def test_canary_gradients_are_clipped_as_dp_sgd_adds_them():
+    gradients = np.array([[3.0, 4.0], [0.3, 0.4]])
+    out = clipped(gradients, 1.0)
+    assert np.allclose(out, [[0.6, 0.8], [0.3, 0.4]])  # the small one is left alone

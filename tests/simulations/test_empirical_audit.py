@@ -31,6 +31,11 @@ def test_the_no_noise_run_shows_the_leak_and_the_dp_run_stays_below_its_epsilon(
         assert main(["audit", str(run), "--empirical", "--json"]) == 0
         found[name] = json.loads(capsys.readouterr().out)["empirical"]
         draw = json.loads((run / "audit" / "canaries.json").read_text())
+        # the canary site's releases, kept for the white-box score: one a round, private
+        kept = sorted((run / "audit" / "releases").iterdir())
+        assert found[name]["releases"] == len(kept) > 0
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in kept)
+        assert (run / "audit" / "releases").stat().st_mode & 0o777 == 0o700
         # nothing the server wrote holds the draw or a planted record
         for path in run.iterdir():
             if path.is_file() and path.suffix in (".json", ".jsonl", ".toml"):
