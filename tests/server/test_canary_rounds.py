@@ -67,7 +67,8 @@ def test_canary_updates_are_aggregated_but_not_counted():
     received_deployed = Received(deployed, updates[:3], [], {"failed": [], "timed_out": [],
                                                              "rejected": []}, clients=None)
     assert [m.metadata.src_node_id for m in received_deployed.site_updates] == [11, 12, 14]
-    run = SimpleNamespace(config=CONFIG, strategy=strategy, user_history=[], arrays=None)
+    run = SimpleNamespace(config=CONFIG, strategy=strategy, user_history=[], arrays=None,
+                          keep_canary_release=lambda *_: None)  # no canary records here
     metrics = Federation.aggregate(run, 1, received)
     assert metrics[CLIENTS] == 2 and metrics[P.TRAIN_LOSS] == pytest.approx(0.5)
     # the release counts all four updates: the noise covers the canaries too
