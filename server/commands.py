@@ -34,8 +34,10 @@ def summary_lines(out: Path) -> list[str]:
     lines = [f"final: {final}"]
     if privacy.level == "none":
         lines.append("privacy: none (--no-dp)")
-    unbounded = (privacy.epsilon_target is not None and math.isinf(privacy.epsilon_target)
-                 and not privacy.noise_multiplier)
+    # --epsilon inf: no noise to calibrate, so no target is recorded; the budget says it
+    limit = privacy.epsilon_target if privacy.epsilon_target is not None \
+        else privacy.budget_epsilon
+    unbounded = limit is not None and math.isinf(float(limit)) and not privacy.noise_multiplier
     if privacy.level in ("record", "both") and unbounded:
         lines.append("privacy: none: updates clipped but not noised (--epsilon inf), so "
                      "epsilon is unbounded")

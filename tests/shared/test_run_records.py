@@ -99,12 +99,17 @@ def test_a_run_without_noise_says_its_epsilon_is_unbounded(tmp_path):
     nobody trained."""
     from fedrnn.server.commands import summary_lines
 
-    for epsilon, noise, expected in ((math.inf, 0.0, "epsilon is unbounded"),
-                                     (8.0, 1.1, "no site trained")):
+    # (target, noise multiplier, budget): `fedrnn simulate --epsilon inf` records no target
+    # (there is no noise to calibrate) and a budget of inf
+    for target, noise, budget, expected in (
+            (math.inf, 0.0, math.inf, "epsilon is unbounded"),
+            (None, None, math.inf, "epsilon is unbounded"),
+            (8.0, None, math.inf, "no site trained"),  # calibrated noise, no budget cap
+            (8.0, 1.1, 8.0, "no site trained")):
         privacy = PrivacySummary(
             level="record", epsilon_max=None, delta=1e-5, accountant="rdp",
-            epsilon_target=epsilon, noise_multiplier=noise, clip_norm=1.0,
-            budget_epsilon=epsilon, budget_delta=1e-5, sites_out_of_budget=0, ledger_dir=None,
+            epsilon_target=target, noise_multiplier=noise, clip_norm=1.0,
+            budget_epsilon=budget, budget_delta=1e-5, sites_out_of_budget=0, ledger_dir=None,
             user_level=None)
         (tmp_path / SUMMARY_FILE).write_text(json.dumps(
             RunSummary(final={"loss": 0.5}, rounds=1, clients_total=2,
