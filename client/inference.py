@@ -97,7 +97,8 @@ def evaluate(card: ModelCard, model: torch.nn.Module, path: str | Path) -> dict[
 def generate(card: ModelCard, model: torch.nn.Module, prompt: str, *, length: int,
              temperature: float, top_k: int, seed: int) -> str:
     """Up to ``length`` characters sampled after ``prompt`` (fewer if the model ends the
-    text); the same seed gives the same text. ``temperature`` 0: always the likeliest."""
+    text), each from the last ``max_len`` tokens; the same seed gives the same text.
+    ``temperature`` 0: always the likeliest."""
     if card.task != "lm":
         raise ConfigError(f"generate needs a language model (task lm); this model's task "
                           f"is {card.task}: use fedrnn predict")
@@ -106,16 +107,22 @@ def generate(card: ModelCard, model: torch.nn.Module, prompt: str, *, length: in
     if decode is None:
         raise ConfigError(f"the {card.tokenizer} tokenizer hashes words into buckets, which "
                           "cannot be turned back into text: generate needs a char model")
-    if length < 1 or not temperature >= 0 or top_k < 0:
-        raise ConfigError("--length must be at least 1, --temperature >= 0, --top-k >= 0")
+    if length < 1:
+        raise ConfigError(f"--length {length}: must be at least 1")
+    if not 0 <= temperature < math.inf:
+        raise ConfigError(f"--temperature {temperature}: must be a finite number >= 0")
+    if top_k < 0:
+        raise ConfigError(f"--top-k {top_k}: must be >= 0 (0: all tokens)")
     generator = torch.Generator().manual_seed(seed)
     ids = [BOS, *tokenizer.encode(prompt)]
     new: list[int] = []
     with torch.no_grad():
         for _ in range(length):
-            # the model reads the whole text each step: it keeps no state between calls
-            x = torch.tensor([ids], dtype=torch.long)
-            logits = model(x, torch.tensor([len(ids)]))[0, -1].double()  # [vocab]
+            # the model keeps no state between calls: it reads the text's last max_len ids
+            # each step, the longest it was trained on, so each step costs the same
+            window = ids[-card.max_len:]
+            x = torch.tensor([window], dtype=torch.long)
+            logits = model(x, torch.tensor([len(window)]))[0, -1].double()  # [vocab]
             logits[[PAD, BOS]] = -math.inf  # never a start or padding inside a text
             token = _sample(logits, temperature=temperature, top_k=top_k, generator=generator)
             if token == EOS:

@@ -136,7 +136,12 @@ def write_output(path: Path, data: bytes) -> None:
 
     if not path.parent.is_dir():
         raise ConfigError(f"{path.parent}: directory does not exist")
-    write_atomic(path, data)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory (name a file)")
+    try:
+        write_atomic(path, data)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def build_parser(commands: Iterable[Command] | None = None) -> argparse.ArgumentParser:

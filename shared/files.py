@@ -24,11 +24,15 @@ def write_atomic(path: str | Path, data: bytes, *, private: bool = False) -> Non
         flags |= os.O_EXCL | os.O_NOFOLLOW
     mode = PRIVATE_MODE if private else 0o666  # both narrowed by the umask, as open()
     fd = os.open(tmp, flags, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind, not a part
+        raise
 
 
 def create_private(path: str | Path) -> bool:

@@ -20,14 +20,16 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import pickle
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedrnn.shared.config import RunConfig
-from fedrnn.shared.errors import FedrnnError
+from fedrnn.shared.config import TASKS, RunConfig
+from fedrnn.shared.errors import ConfigError, FedrnnError
 from fedrnn.shared.run_records import PrivacySummary, json_value
 
 CARD_FILE = "model.json"
@@ -160,17 +162,66 @@ class ModelCard:
         known = {"format", "task", "labels", "features", "tokenizer", "vocab_size",
                  "hash_buckets", "max_len", "normalisation", "architecture", "privacy",
                  "run_id"}
-        return cls(
-            task=str(data["task"]), labels=[str(x) for x in data["labels"]],
-            features=[str(x) for x in data["features"]], tokenizer=data["tokenizer"],
-            vocab_size=int(data["vocab_size"]), hash_buckets=data["hash_buckets"],
-            max_len=int(data["max_len"]),
+        arch = data["architecture"]
+        unknown = set(arch) - {f.name for f in fields(Architecture)}
+        if unknown:  # a newer network this fedrnn would build without it
+            raise ValueError(f"unknown architecture field(s) {', '.join(sorted(unknown))}")
+        card = cls(
+            task=str(data["task"]), labels=[str(x) for x in _list(data["labels"])],
+            features=[str(x) for x in _list(data["features"])], tokenizer=data["tokenizer"],
+            vocab_size=_int(data["vocab_size"]),
+            hash_buckets=None if data["hash_buckets"] is None else _int(data["hash_buckets"]),
+            max_len=_int(data["max_len"]),
             normalisation=None if norm is None else str(norm["source"]),
             reference_scaling=None if values is None else {
                 f: (float(v["mean"]), float(v["std"])) for f, v in values.items()},
-            architecture=Architecture(**data["architecture"]),
+            architecture=Architecture(
+                model=str(arch["model"]), hidden_size=_int(arch["hidden_size"]),
+                num_layers=_int(arch["num_layers"]), embedding_dim=_int(arch["embedding_dim"]),
+                nonlinearity=str(arch["nonlinearity"]), dropout=float(arch["dropout"])),
             privacy=CardPrivacy(**privacy), run_id=str(data.get("run_id", "")),
             extra={k: v for k, v in data.items() if k not in known})
+        card._check()
+        return card
+
+    def _check(self) -> None:
+        """ValueError when the card's fields contradict each other (a damaged or forged
+        card): each field alone is checked where the settings are built (``config()``)."""
+        for name, value in asdict(self.privacy).items():
+            if name not in ("level", "accountant") and not (
+                    value is None or isinstance(value, int | float)
+                    and not isinstance(value, bool)):
+                raise ValueError(f"privacy {name} must be a number or null, not {value!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if len(set(self.labels)) != len(self.labels) or len(set(self.features)) != len(
+                self.features):
+            raise ValueError("labels and features must be distinct names")
+        if self.task == "classify" and len(self.labels) < 2:
+            raise ValueError("a classify model needs at least two labels")
+        if self.task != "classify" and self.labels:
+            raise ValueError(f"task {self.task} has no labels")
+        if self.task == "lm" and not self.is_text:
+            raise ValueError("an lm model reads text: it has no features")
+        if self.task == "forecast" and self.is_text:
+            raise ValueError("a forecast model reads numeric sequences: it needs features")
+        if self.is_text:
+            if self.normalisation is not None:
+                raise ValueError("a text model has no normalisation")
+            return
+        if self.normalisation not in (REFERENCE, SITE):
+            raise ValueError(f"normalisation source must be {REFERENCE} or {SITE}, "
+                             f"not {self.normalisation!r}")
+        scaling = self.reference_scaling
+        if (self.normalisation == REFERENCE) != (scaling is not None):
+            raise ValueError(f"normalisation values are given for, and only for, "
+                             f"source {REFERENCE}")
+        if scaling is not None:
+            if sorted(scaling) != sorted(self.features):
+                raise ValueError("normalisation values must name exactly the features")
+            if not all(math.isfinite(m) and math.isfinite(s) and s > 0
+                       for m, s in scaling.values()):
+                raise ValueError("normalisation means must be finite, stds finite and > 0")
 
     def describe_privacy(self) -> str:
         """One line: the DP the model was trained under."""
@@ -213,10 +264,20 @@ def read_card(directory: str | Path) -> ModelCard:
                           f"simulate or fedrnn server, or a copy of its {CARD_FILE} and "
                           f"{WEIGHTS_FILE})")
     try:
-        return ModelCard.from_json(json.loads(path.read_text()))
+        card = ModelCard.from_json(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FedrnnError(f"{path}: not a fedrnn model card ({type(exc).__name__}: {exc})"
                           ) from None
+    from fedrnn.shared.models import vocab_size
+
+    try:
+        config = card.config()  # every setting the card holds, checked as a run's flags are
+    except ConfigError as exc:
+        raise FedrnnError(f"{path}: not a usable model card ({exc})") from None
+    if card.vocab_size != vocab_size(config):
+        raise FedrnnError(f"{path}: not a usable model card (vocab_size {card.vocab_size}, "
+                          f"but its inputs make {vocab_size(config)})")
+    return card
 
 
 def load_model(directory: str | Path) -> tuple[ModelCard, torch.nn.Module]:
@@ -229,11 +290,53 @@ def load_model(directory: str | Path) -> tuple[ModelCard, torch.nn.Module]:
     if not weights.is_file():
         raise FedrnnError(f"{weights}: missing (the run has not finished, or the weights "
                           "were not copied beside the card)")
-    model = build_model(card.config())
     try:
-        model.load_state_dict(torch.load(weights, weights_only=True))
-    except (RuntimeError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # weights_only: a file that is a pickle of anything but tensors is refused, never run
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's warnings about a foreign pickle
+            state = torch.load(weights, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        # not torch's own message: it suggests weights_only=False, which would run the file
+        raise FedrnnError(f"{weights}: refused: not tensors alone (a model.pt holds weights "
+                          "only; fedrnn never unpickles anything else)") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad file
+        raise FedrnnError(f"{weights}: not a PyTorch state dict of tensors "
+                          f"({_first_line(exc)})") from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise FedrnnError(f"{weights}: not a state dict (names to tensors)")
+    config = card.config()
+    # The card's sizes are checked against the weights on the meta device (no memory), so
+    # a card whose sizes lie is refused before its network would be allocated.
+    try:
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in build_model(config).state_dict().items()}
+    except RuntimeError as exc:
         raise FedrnnError(f"{weights}: does not fit the network {CARD_FILE} describes "
-                          f"({first})") from None
+                          f"({_first_line(exc)})") from None
+    if shapes != {k: v.shape for k, v in state.items()}:
+        differ = sorted(set(shapes) ^ set(state) or
+                        {k for k in shapes if shapes[k] != state[k].shape})
+        raise FedrnnError(f"{weights}: does not fit the network {CARD_FILE} describes "
+                          f"(differs in {', '.join(differ[:3])})")
+    model = build_model(config)
+    model.load_state_dict(state)
     return card, model.eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _int(value: Any) -> int:
+    """An integer field: a JSON integer, never a string, a bool or a fraction."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list, got {value!r}")
+    return value

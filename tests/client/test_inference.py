@@ -190,3 +190,41 @@ def test_predict_prints_csv_or_writes_the_file_out_names(tmp_path, series_csv, c
     assert ".csv or a .jsonl" in one_error_line(capsys)
     assert main(["evaluate", str(model_dir), "--data", str(series_csv), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["num-examples"] == 24
+
+
+@pytest.mark.parametrize("flags, problem", [
+    ({"length": 0}, "--length 0"), ({"length": -3}, "--length -3"),
+    ({"temperature": -1.0}, "--temperature"), ({"temperature": math.inf}, "--temperature"),
+    ({"temperature": math.nan}, "--temperature"), ({"top_k": -1}, "--top-k -1"),
+])
+def test_generate_names_the_flag_it_refuses(tmp_path, flags, problem):
+    card, model = load_model(saved(tmp_path, LM))
+    settings = {"length": 5, "temperature": 1.0, "top_k": 0, "seed": 0, **flags}
+    with pytest.raises(ConfigError, match=problem):
+        generate(card, model, "The", **settings)
+
+
+class _AlwaysA(torch.nn.Module):
+    """A language model that always predicts "a" and records how many steps it reads."""
+
+    def __init__(self, token: int, vocab: int) -> None:
+        super().__init__()
+        self.token, self.vocab, self.steps = token, vocab, []
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.steps.append(x.shape[1])
+        logits = torch.zeros(x.shape[0], x.shape[1], self.vocab)
+        logits[..., self.token] = 1.0
+        return logits
+
+
+def test_generate_reads_at_most_max_len_tokens_a_step_however_long_the_text(tmp_path):
+    from fedrnn.shared.data.tokenizers import make_tokenizer
+
+    card, _ = load_model(saved(tmp_path, LM))
+    tokenizer = make_tokenizer("char", card.config().vocab_size)
+    model = _AlwaysA(tokenizer.encode("a")[0], card.vocab_size)
+    text = generate(card, model, "The", length=3 * card.max_len, temperature=0.0, top_k=0,
+                    seed=0)
+    assert text == "a" * 3 * card.max_len
+    assert max(model.steps) == card.max_len  # not the whole text: each step costs the same

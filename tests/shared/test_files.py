@@ -114,3 +114,25 @@ def test_certificate_keys_are_private_from_creation(tmp_path, no_chmod, open_mod
             assert _mode(path) == 0o666, path.name
     assert {p.name for p in written if _mode(p) == PRIVATE_MODE} == {
         "ca.key", "server.key", "site-1.key", "site-2.key"}
+
+
+def test_a_file_a_user_asked_for_is_written_whole_or_ends_in_one_error(tmp_path, monkeypatch):
+    from fedrnn.shared.cli import write_output
+    from fedrnn.shared.errors import ConfigError
+
+    (tmp_path / "out.csv").mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        write_output(tmp_path / "out.csv", b"rows")
+    with pytest.raises(ConfigError, match="does not exist"):
+        write_output(tmp_path / "missing" / "out.csv", b"rows")
+    target = tmp_path / "old.csv"
+    target.write_bytes(b"old")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(ConfigError, match="cannot write .No space left on device"):
+        write_output(target, b"new rows")
+    assert target.read_bytes() == b"old"  # the old file stands, and no part is left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.csv", "out.csv"]

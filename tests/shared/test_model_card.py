@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +101,87 @@ def test_a_directory_that_is_not_a_model_is_one_clear_error(tmp_path):
     write_model(tmp_path, card, build_model(SERIES.replace(hidden_size=4)).state_dict())
     with pytest.raises(FedrnnError, match="does not fit the network"):
         load_model(tmp_path)
+
+
+def _saved(tmp_path, change=None):
+    """A saved SERIES model whose model.json ``change(data)`` has altered."""
+    card = ModelCard.describe(SERIES, privacy(), reference_scaling={"age": (50.0, 15.0),
+                                                                    "sbp": (130.0, 20.0)})
+    write_model(tmp_path, card, build_model(SERIES).state_dict())
+    if change is not None:
+        data = json.loads((tmp_path / "model.json").read_text())
+        change(data)
+        (tmp_path / "model.json").write_text(json.dumps(data))
+    return tmp_path
+
+
+def _set(key, value, within=None):
+    def change(data):
+        (data[within] if within else data)[key] = value
+    return change
+
+
+@pytest.mark.parametrize("change, problem", [
+    (_set("hidden_size", "8", "architecture"), "expected an integer"),
+    (_set("bidirectional", True, "architecture"), "unknown architecture field"),
+    (_set("max_len", -5), "max-len must be at least 1"),
+    (_set("vocab_size", 10**12), "vocab_size"),
+    (_set("task", "regress"), "task must be one of"),
+    (_set("task", "lm"), "has no labels"),
+    (_set("labels", []), "at least two labels"),
+    (_set("labels", ["a", "a"]), "distinct"),
+    (_set("labels", "died,survived"), "expected a list"),
+    (_set("features", ["age"]), "exactly the features"),
+    (_set("normalisation", {"source": "bogus"}), "normalisation source"),
+    (lambda d: d["normalisation"]["values"]["age"].update(std=0), "stds finite and > 0"),
+    (lambda d: d["normalisation"]["values"]["age"].update(mean="nan"), "means must be finite"),
+    (_set("delta", "x", "privacy"), "privacy delta must be a number"),
+])
+def test_a_card_whose_fields_lie_is_refused_with_one_error(tmp_path, change, problem):
+    with pytest.raises(FedrnnError, match=problem):
+        load_model(_saved(tmp_path, change))
+
+
+def test_a_card_whose_sizes_lie_is_refused_before_its_network_is_allocated(tmp_path):
+    # 10^9 hidden units would need terabytes: the sizes are compared on the meta device
+    with pytest.raises(FedrnnError, match="does not fit the network"):
+        load_model(_saved(tmp_path, _set("hidden_size", 10**9, "architecture")))
+    with pytest.raises(FedrnnError, match=r"does not fit the network.*head\."):
+        load_model(_saved(tmp_path, _set("labels", ["a", "b", "c"])))
+
+
+class _Planted:
+    """Unpickling it creates the file ``marker``: proof that a load ran the file's code."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(_Planted.marker),))
+
+
+@pytest.mark.parametrize("content", ["pickle", "torch-pickle", "garbage", "empty", "truncated",
+                                     "list"])
+def test_a_model_pt_that_is_not_weights_is_refused_and_never_unpickled(tmp_path, content):
+    _saved(tmp_path)
+    _Planted.marker = str(tmp_path / "ran")
+    weights = tmp_path / "model.pt"
+    buffer = io.BytesIO()
+    if content == "pickle":
+        data = pickle.dumps(_Planted())
+    elif content == "torch-pickle":
+        torch.save({"head.weight": _Planted()}, buffer)
+        data = buffer.getvalue()
+    elif content == "garbage":
+        data = b"not a checkpoint"
+    elif content == "empty":
+        data = b""
+    elif content == "truncated":
+        data = weights.read_bytes()[:200]
+    else:
+        torch.save([torch.zeros(2)], buffer)
+        data = buffer.getvalue()
+    weights.write_bytes(data)
+    with pytest.raises(FedrnnError, match="model.pt: (refused|not a)") as caught:
+        load_model(tmp_path)
+    assert "weights_only" not in str(caught.value)  # never advice to unpickle it
+    assert not (tmp_path / "ran").exists()
