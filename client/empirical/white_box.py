@@ -55,7 +55,8 @@ def per_canary_gradients(model: torch.nn.Module, config: RunConfig,
         rows.append(torch.cat([p.grad_sample.reshape(len(part), -1)
                                for p in sampled.parameters() if p.requires_grad], dim=1)
                     .double().numpy())
-    sampled._close()
+    sampled.remove_hooks()  # Opacus's public teardown: the model is reused next round
+    sampled.cleanup()
     return np.concatenate(rows)
 
 
