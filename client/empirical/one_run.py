@@ -16,19 +16,24 @@ holds at ``CONFIDENCE`` overall. Every pair tried is reported.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedrnn.client.empirical.scores import load_audited, record_losses
+from fedrnn.client.empirical.scores import AuditedRun, load_audited, record_losses
 from fedrnn.client.empirical.sections import register_section
 from fedrnn.client.empirical.white_box import release_scores
 from fedrnn.shared.audit_bounds import epsilon_lower_bound
 from fedrnn.shared.canary_releases import read_releases
-from fedrnn.shared.data import canary_tensors
+from fedrnn.shared.config import RunConfig, load_toml
+from fedrnn.shared.data import SequenceTensors, canary_tensors, site_records
+from fedrnn.shared.errors import FedrnnError
 from fedrnn.shared.run_records import json_value
+
+log = logging.getLogger(__name__)
 
 CONFIDENCE = 0.95
 # (share guessed "in", share guessed "out") of the canaries, fixed before any run was
@@ -88,19 +93,36 @@ def one_run_bound(scores: dict[str, np.ndarray], included: np.ndarray, *, delta:
             "tried": tried, "confidence_per_plan": each}
 
 
-def accounted_epsilon(run_dir: Path, site: str) -> tuple[float, float]:
-    """(epsilon, delta) the ledger charged the canary site; (inf, 0) when nothing was
-    charged (no DP, or clipping without noise)."""
+def accounted_epsilon(run_dir: Path, site: str) -> tuple[float, float, float]:
+    """(epsilon, delta, noise multiplier) the ledger charged the canary site, the noise
+    multiplier the median of its training releases'; (inf, 0, 0) when nothing was charged
+    (no DP, or clipping without noise)."""
     from fedrnn.client.audit import audit
-    from fedrnn.shared.errors import FedrnnError
 
     try:
         spends = [s for s in audit(run_dir).sites if s.client == site]
     except FedrnnError:  # no ledgers: the run released without DP
         spends = []
     if not spends or not spends[0].history:
-        return math.inf, 0.0
-    return spends[0].epsilon, spends[0].delta
+        return math.inf, 0.0, 0.0
+    spend = spends[0]
+    purposes = spend.purposes or ["train"] * len(spend.history)
+    noises = [h[0] for h, purpose in zip(spend.history, purposes, strict=True)
+              if purpose == "train"]
+    return spend.epsilon, spend.delta, float(np.median(noises)) if noises else 0.0
+
+
+def canary_site_records(run: AuditedRun) -> SequenceTensors | None:
+    """The canary site's own training records (``shared.data.site_records``), read again
+    from the run's data; None, with a warning, when the data is no longer where the run
+    read it (the release score then estimates Adam's scaling from the canaries alone)."""
+    try:
+        settings = RunConfig.from_flat(load_toml(run.run_dir / "config.toml"))
+        return site_records(settings, run.draw.site)
+    except FedrnnError as exc:
+        log.warning("the canary site's records could not be read again (%s): the release "
+                    "score estimates Adam's scaling from the canaries alone", exc)
+        return None
 
 
 @register_section("one_run")
@@ -112,10 +134,12 @@ def one_run_section(run_dir: Path) -> dict[str, Any] | None:
     losses = record_losses(run.model, run.config, tensors)
     scores = {"loss": losses}
     releases = read_releases(run_dir)
+    accounted, delta, noise = accounted_epsilon(run_dir, run.draw.site)
     if releases:
-        scores["release"] = release_scores(releases, run.config, tensors)
+        scores["release"] = release_scores(releases, run.config, tensors,
+                                           site=canary_site_records(run),
+                                           noise_multiplier=noise)
     included = np.array(run.draw.included, dtype=bool)
-    accounted, delta = accounted_epsilon(run_dir, run.draw.site)
     result = one_run_bound(scores, included, delta=delta,
                            pairs=len(SCORES) * len(GUESS_PLANS))
     best = result.pop("best_score")

@@ -13,7 +13,8 @@ Public surface:
 - ``encode_records(corpus, config, scaling=...)``: every record of a file encoded as
   training encoded it, for using a trained model (``fedrnn predict``);
 - ``canary_tensors(config, draw)``, ``text_tensors``: an audited run's canaries and
-  secrets encoded as its canary site encoded them (``shared.data.canaries``).
+  secrets encoded as its canary site encoded them (``shared.data.canaries``);
+  ``site_records(config, site)``: a simulated site's own training records, nothing planted.
 
 Every client's records carry their keys (``shared.data.identity``): what the ledger
 charges, record by record.
@@ -262,6 +263,16 @@ def _planted_cached(config: RunConfig, partition_id: int, out: str) -> ClientDat
     keys += [f"{SECRET_KEY}{k}:{j}" for k in range(draw.secrets) for j in range(draw.repeats)]
     return ClientData(name=data.name, train=concat(data.train, planted), eval=data.eval,
                       train_keys=data.train_keys + keys, eval_keys=data.eval_keys)
+
+
+def site_records(config: RunConfig, site: str) -> SequenceTensors:
+    """Simulated client ``site``'s own training records, without the canaries or secrets
+    planted there: the records besides the canaries, which the one-run audit's auditor
+    may know (Steinke et al. fix them; only the canaries' inclusion is secret)."""
+    names, _ = partition_corpus(config)
+    if site not in names:
+        raise ConfigError(f"no client named {site!r} in this run's split")
+    return _client_data_cached(_data_only(config), names.index(site)).train
 
 
 def canary_tensors(config: RunConfig, draw: CanaryDraw) -> SequenceTensors:

@@ -10,7 +10,7 @@ import pytest
 
 from fedrnn.client.empirical.exposure import exposure
 from fedrnn.client.empirical.one_run import GUESS_PLANS, guesses, one_run_bound
-from fedrnn.client.empirical.white_box import clipped, release_coefficients
+from fedrnn.client.empirical.white_box import adam_scale, clipped, release_coefficients
 from fedrnn.shared.audit_bounds import epsilon_lower_bound
 
 
@@ -86,6 +86,72 @@ def test_a_noise_only_update_gives_no_bound():
     update = rng.normal(size=gradients.shape[1]) - 2.0 * common
     scores = -release_coefficients(gradients, update)
     assert one_run_bound({"release": scores}, included, delta=0.0)["epsilon_lower_bound"] < 0.3
+
+
+def test_adam_scale_is_the_root_mean_square_of_a_poisson_batch_gradient():
+    site = np.array([[1.0, 0.0], [3.0, 0.0]])
+    canaries = np.array([[0.0, 2.0], [0.0, 2.0]])  # one of them trained on, in expectation
+    moments = (site.sum(0), (site ** 2).sum(0), len(site))
+    scale = adam_scale(moments, canaries, batch_size=2.0, noise_std=4.0)
+    n = 3.0  # two records and half of two canaries
+    mean = np.array([4.0, 2.0]) / n
+    square = np.array([10.0, 4.0])
+    expected = np.sqrt(mean ** 2 + square / (2.0 * n) + (4.0 / 2.0) ** 2)
+    np.testing.assert_allclose(scale, expected, rtol=1e-6)
+    # without the site's records the canaries alone estimate it
+    alone = adam_scale((0.0, 0.0, 0), canaries, batch_size=2.0, noise_std=0.0)
+    np.testing.assert_allclose(alone, [1e-8, np.sqrt(4.0 + 4.0 / 2.0) + 1e-8])
+
+
+def _adam_round(gradients, included, site, *, steps=28, rate=0.04, lr=0.01, seed=0):
+    """A round of the site's Adam optimizer (torch's own) without noise, each step's
+    gradient the mean of a Poisson batch of its records' gradients, as DP-SGD forms it."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    records = np.vstack([site, gradients[included]])
+    weights = torch.zeros(records.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([weights], lr=lr)
+    batch = rate * len(records)
+    for _ in range(steps):
+        chosen = rng.random(len(records)) < rate
+        weights.grad = torch.from_numpy(records[chosen].sum(0) / batch)
+        optimizer.step()
+    return weights.detach().numpy()
+
+
+def test_adams_scaling_recovers_the_canaries_an_adam_round_trained_on():
+    rng = np.random.default_rng(4)
+    m, p = 400, 2000
+    included = rng.random(m) < 0.5
+    # coordinates of very different sizes, as a recurrent network's are: Adam's steps are
+    # large where gradients are small, which a plain gradient step does not model
+    sizes = np.exp(rng.uniform(-8, 0, p))
+    gradients = clipped(rng.normal(size=(m, p)) * sizes, 1.0)
+    site = clipped(rng.normal(size=(800, p)) * sizes, 1.0)
+    update = sum(_adam_round(gradients, included, site, seed=s) for s in range(5))
+    moments = (site.sum(0), (site ** 2).sum(0), len(site))
+    scale = adam_scale(moments, gradients, batch_size=0.04 * (800 + m / 2), noise_std=0.0)
+    scaled = one_run_bound({"release": -release_coefficients(gradients / scale, update)},
+                           included, delta=0.0)
+    plain = one_run_bound({"release": -release_coefficients(gradients, update)}, included,
+                          delta=0.0)
+    assert scaled["epsilon_lower_bound"] > 1.0
+    assert scaled["epsilon_lower_bound"] > plain["epsilon_lower_bound"] + 0.5
+
+
+def test_a_run_whose_data_moved_scores_with_the_canaries_alone(tmp_path, caplog):
+    from fedrnn.client.empirical.one_run import canary_site_records
+    from fedrnn.client.empirical.scores import AuditedRun
+    from fedrnn.shared.config import RunConfig, dump_toml
+    from fedrnn.shared.data.canaries import CanaryDraw
+
+    config = RunConfig(data=str(tmp_path / "moved.csv"), task="classify", canaries=4)
+    (tmp_path / "config.toml").write_text(dump_toml(config))
+    run = AuditedRun(run_dir=tmp_path, config=config, model=None,
+                     draw=CanaryDraw(site="site-0", seed=1, included=(True, False) * 2))
+    assert canary_site_records(run) is None
+    assert "moved.csv" in caplog.text and "canaries alone" in caplog.text
 
 
 def test_exposure_is_log2_space_less_log2_rank():

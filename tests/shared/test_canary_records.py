@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from fedrnn.shared.config import RunConfig
-from fedrnn.shared.data import canary_tensors, client_data, resolve, text_tensors
+from fedrnn.shared.data import (
+    canary_tensors,
+    client_data,
+    resolve,
+    site_records,
+    text_tensors,
+)
 from fedrnn.shared.data.canaries import (
     CanaryDraw,
     draw_path,
@@ -55,6 +61,18 @@ def test_only_the_canary_site_holds_canaries_and_exactly_the_included_ones(tmp_p
         assert torch.equal(planted.train.labels[n_own:], chosen.labels)
         assert torch.equal(planted.train.inputs[:n_own, : own.train.inputs.shape[1]],
                            own.train.inputs)
+
+
+def test_site_records_are_the_canary_sites_own_records_without_anything_planted(tmp_path):
+    # what the release score's auditor reads: the site's records, never which canaries
+    # were planted (the planted set's size alone would tell how many were included)
+    config = _planted_config(tmp_path, task="lm", canary_secrets=2)
+    own = client_data(config.replace(canaries=0, canary_secrets=0, canary_site=""), 1).train
+    records = site_records(config, "site-1")
+    assert len(records) == len(own) < len(client_data(config, 1).train)
+    assert torch.equal(records.inputs, own.inputs)
+    with pytest.raises(ConfigError, match="no client named 'site-7'"):
+        site_records(config, "site-7")
 
 
 def test_the_draw_is_private_and_regenerates_the_same_canaries(tmp_path):

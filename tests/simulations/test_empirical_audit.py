@@ -44,7 +44,7 @@ def test_the_no_noise_run_shows_the_leak_and_the_dp_run_stays_below_its_epsilon(
     clipped, dp = found["clipped"], found["dp"]
     assert clipped["epsilon_accounted"] == "inf" and clipped["method"] == "one-run"
     assert clipped["canaries"] == 500 and clipped["confidence"] == 0.95
-    assert clipped["epsilon_lower_bound"] > 0.5  # the leak, seen
+    assert clipped["epsilon_lower_bound"] > 1.0  # the leak, seen (1.71 on this draw)
     assert 0 < dp["epsilon_accounted"] <= 2.0 + 1e-6
     assert dp["epsilon_lower_bound"] < dp["epsilon_accounted"]
     assert dp["delta"] == 1e-5 and dp["site"] == clipped["site"] == "site-0"
