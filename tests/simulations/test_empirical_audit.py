@@ -52,6 +52,34 @@ def test_the_no_noise_run_shows_the_leak_and_the_dp_run_stays_below_its_epsilon(
         (tmp_path / "clipped" / "audit" / "canaries.json").read_text()  # the same canaries
 
 
+@pytest.mark.e2e
+def test_secrets_trained_on_without_noise_are_exposed_and_dp_hides_them(
+        tmp_path, capsys, monkeypatch):
+    fixed = random.Random(23)
+    monkeypatch.setattr(canaries.secrets, "randbits", lambda bits: fixed.getrandbits(bits))
+    lm = ["--dataset", "synthetic", "--task", "lm", "--clients", "2", "--rounds", "8",
+          "--local-epochs", "5", "--canary-secrets", "4", "--canary-repeats", "10",
+          "--seed", "3"]
+    same = ["--canary-draw", str(tmp_path / "clipped" / "audit" / "canaries.json")]
+    found = {}
+    for name, privacy in (("clipped", ["--epsilon", "inf"]), ("dp", ["--epsilon", "1", *same])):
+        run = tmp_path / name
+        assert main(["simulate", *lm, *privacy, "--out", str(run)]) == 0
+        capsys.readouterr()
+        assert main(["audit", str(run), "--empirical", "--json"]) == 0
+        found[name] = json.loads(capsys.readouterr().out)["empirical"]["exposure"]
+        for path in run.iterdir():  # no secret in anything the server wrote
+            if path.is_file() and path.suffix in (".json", ".jsonl", ".toml"):
+                assert "my code is" not in path.read_text(), path
+    clipped, dp = found["clipped"], found["dp"]
+    assert clipped["method"] == "secret-sharer" and clipped["repeats"] == 10
+    assert [s["secret"] for s in clipped["secrets"]] == [s["secret"] for s in dp["secrets"]]
+    assert len(clipped["secrets"]) == 4 and clipped["space"] == 10 ** 6
+    # memorised: each secret likelier than (almost) every sampled candidate
+    assert clipped["max_exposure"] > 15
+    assert dp["max_exposure"] < clipped["max_exposure"] - 5
+
+
 def test_a_reused_draw_plants_the_same_canaries_and_a_mismatch_is_refused(tmp_path):
     from fedrnn.shared.config import RunConfig
     from fedrnn.shared.errors import ConfigError
