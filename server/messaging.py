@@ -117,12 +117,25 @@ def receive(grid: Grid, phase: Phase, check: Callable[[Message], str | None],
             break
         time.sleep(getattr(grid, "pull_interval", 0.1))
     name = phase.name
+    # The node a reply answers for is the one its message was sent to: an error Flower's
+    # SuperLink writes itself (a node that stopped heartbeating, a reply that expired)
+    # comes from the SuperLink's own node id, which is no site's.
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+
+    def node_of(m: Message) -> int:
+        return sent_to.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+
+    def site(node: int) -> object:
+        return phase.partitions.get(node, node)
+
     ok, rejected = [], []
     for m in replies:
         if m.has_error():
             continue
         if not m.has_content():
             reason = "it carries neither content nor an error"
+        elif m.metadata.src_node_id != node_of(m):
+            reason = "it answers a message sent to another site"
         else:
             try:
                 reason = check(m)
@@ -132,18 +145,15 @@ def receive(grid: Grid, phase: Phase, check: Callable[[Message], str | None],
             ok.append(m)
         else:
             rejected.append(m)
-            log.warning("%s reply of site %s rejected: %s", name,
-                        phase.partitions.get(m.metadata.src_node_id, m.metadata.src_node_id),
-                        reason)
+            log.warning("%s reply of site %s rejected: %s", name, site(node_of(m)), reason)
     declined = [m for m in replies if m.has_error() and m.error.code == P.DECLINED_BUDGET]
     failed = [m for m in replies if m.has_error() and m.error.code != P.DECLINED_BUDGET]
     for m in declined:
         log.info("%s", m.error.reason)
     for m in failed:
         level = logging.DEBUG if m.error.code == P.DROPPED_OUT else logging.WARNING
-        log.log(level, "%s failed at node %s: %s", name, m.metadata.src_node_id,
-                m.error.reason)
-    replied = {m.metadata.src_node_id for m in replies}
+        log.log(level, "%s failed at site %s: %s", name, site(node_of(m)), m.error.reason)
+    replied = {node_of(m) for m in replies}
     late = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]
     if late:
         log.warning("%d site(s) sent no %s reply within the round timeout (%gs): the round "
@@ -153,6 +163,5 @@ def receive(grid: Grid, phase: Phase, check: Callable[[Message], str | None],
         first = (failed[0].error.reason if failed else "its reply was rejected" if rejected
                  else "no site replied in time")
         raise FedrnnError(f"no site sent a valid {name} reply; the first: {first}")
-    return ok, declined, {"failed": [m.metadata.src_node_id for m in failed],
-                          "timed_out": late,
-                          "rejected": [m.metadata.src_node_id for m in rejected]}
+    return ok, declined, {"failed": [node_of(m) for m in failed], "timed_out": late,
+                          "rejected": [node_of(m) for m in rejected]}

@@ -94,6 +94,35 @@ def test_a_round_aggregates_the_valid_replies_and_counts_the_rest():
     assert sorted(lost["rejected"]) == [2, 3]
 
 
+def test_an_error_the_superlink_writes_counts_against_the_site_it_was_sent_to():
+    # A site killed after it was sampled stops heartbeating; Flower's SuperLink answers
+    # its message itself, from the SuperLink's own node id (1), which is no site's. Taking
+    # that id for a site ended a deployed run with a KeyError in the next phase.
+    from flwr.app import Error
+
+    from fedrnn.server.phases import Received
+
+    unavailable = Message(error=Error(code=5, reason="Error: Node Unavailable"),
+                          metadata=Metadata(run_id=1, message_id="e1", src_node_id=1,
+                                            dst_node_id=1, reply_to_message_id="m7",
+                                            group_id="", created_at=time.time(), ttl=60.0,
+                                            message_type="train"))
+    phase = _phase([5, 6, 7])
+    ok, declined, lost = receive(_Grid([reply(GLOBAL, node=5), reply(GLOBAL, node=6),
+                                        unavailable]), phase,
+                                 lambda m: check_train_reply(m, SHAPE))
+    assert [m.metadata.src_node_id for m in ok] == [5, 6]
+    assert lost == {"failed": [7], "timed_out": [], "rejected": []}
+    received = Received(phase=phase, updates=ok, declined=declined, lost=lost, clients=None)
+    assert received.partitions(lost["failed"]) == [6]
+    # a reply to a message sent to another site is not taken as that site's
+    forged = reply(GLOBAL, node=5)
+    forged.metadata.__dict__["_reply_to_message_id"] = "m6"
+    ok, _, lost = receive(_Grid([reply(GLOBAL, node=5), forged]), _phase([5, 6]),
+                          lambda m: check_train_reply(m, SHAPE))
+    assert [m.metadata.src_node_id for m in ok] == [5] and lost["rejected"] == [6]
+
+
 def test_a_round_with_no_valid_reply_ends_with_one_line():
     with pytest.raises(FedrnnError, match="no site sent a valid train reply"):
         receive(_Grid([reply(HOSTILE["nan"][0], node=1)]), _phase([1]),
