@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from fedrnn.client.node import REJOIN_WINDOW
 from fedrnn.client.policy import OFFERED_ACCOUNTANTS as OFFERED
 from fedrnn.shared.cli import Command, absolute, add_subcommands, write_output
 from fedrnn.shared.errors import ConfigError
@@ -60,6 +61,11 @@ def _configure_client(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait", type=float, default=0.0, metavar="SECONDS",
                         help="give up if the server cannot be reached for this long "
                         "(default: keep trying)")
+    parser.add_argument("--rejoin-wait", type=float, default=REJOIN_WINDOW, metavar="SECONDS",
+                        help="with --auth-key, how long to retry when the server refuses the "
+                        "key: a site restarted after a crash is refused until the server "
+                        "notices its previous connection is gone (two missed heartbeats, "
+                        f"up to 60 s); 0 gives up at once (default: {REJOIN_WINDOW:g})")
 
 
 def _run_client(args: argparse.Namespace) -> int:
@@ -79,7 +85,7 @@ def _run_client(args: argparse.Namespace) -> int:
         accountant=args.accountant, eval_fraction=args.eval_fraction, evaluate=args.evaluate,
         min_batch_size=args.min_batch_size,
         root_cert=absolute(args.root_cert), auth_key=absolute(args.auth_key),
-        insecure=args.insecure, max_wait=args.max_wait)
+        insecure=args.insecure, max_wait=args.max_wait, rejoin_wait=args.rejoin_wait)
     return run_site(options)
 
 

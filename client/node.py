@@ -64,6 +64,13 @@ SECRET_BYTES = 32  # the SuperNode session's secret: an HMAC-SHA256 key
 # flwr/supercore/superexec/run_superexec.py ``_SUPEREXEC_AUTH_METHODS``): the other task
 # calls are authenticated by the token the signed claim returns.
 SIGNED_METHODS = ("/flwr.proto.Runtime/AcquireTask",)
+# With --require-auth a site's SuperNode is bound to its key, and Flower's SuperLink will not
+# activate a node it still holds as online: a site killed without saying goodbye stays
+# online until two missed heartbeats (flwr.common.constant: HEARTBEAT_PATIENCE x the default
+# 30 s interval, which flower-supernode 1.41 cannot change), and the same refusal as for an
+# unknown key greets it when it restarts. So a refused key is retried this long first
+# (``--rejoin-wait``).
+REJOIN_WINDOW = 2 * 30.0 + 5.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class SiteOptions:
     auth_key: Path | None = None
     insecure: bool = False
     max_wait: float = 0.0  # give up connecting after this many seconds (0: keep trying)
+    rejoin_wait: float = REJOIN_WINDOW  # retry a refused key this long (0: give up at once)
 
     def node_config(self) -> str:
         # Flower parses node config as TOML values: strings quoted, numbers bare.
@@ -131,6 +139,8 @@ def check_options(options: SiteOptions) -> None:
         raise ConfigError("--eval-fraction must be in (0, 1)")
     if options.min_batch_size < 1:
         raise ConfigError("--min-batch-size must be at least 1")
+    if not options.rejoin_wait >= 0:
+        raise ConfigError("--rejoin-wait must be a number of seconds >= 0")
     if not options.max_wait >= 0:
         raise ConfigError("--max-wait must be 0 (keep trying) or a number of seconds")
 
@@ -170,9 +180,20 @@ def _run_site(options: SiteOptions) -> int:
     import fedrnn.client.training  # noqa: F401
 
     last_contact = time.monotonic()
+    first_refusal: float | None = None
     while True:
         watcher = _session(options)
         fatal = [p for p in watcher.problems if p not in watcher.TRANSIENT]
+        if fatal == [_SuperNodeLog.REFUSED]:
+            first_refusal = first_refusal or time.monotonic()
+            if time.monotonic() - first_refusal < options.rejoin_wait:
+                log.warning("the server refused this site's key; if this site was just "
+                            "restarted, the server may hold its previous connection as "
+                            "online for up to %.0fs: retrying", REJOIN_WINDOW)
+                time.sleep(5.0)
+                continue
+            fatal = [f"{_SuperNodeLog.REFUSED}, or still held by another process with this "
+                     f"key (refused for {options.rejoin_wait:.0f}s)"]
         if fatal:
             raise FedrnnError(f"site {options.name} stopped: {'; '.join(fatal)}")
         if watcher.connected.is_set():
@@ -262,6 +283,8 @@ class _SuperNodeLog(threading.Thread):
     """Relays the SuperNode's log as the site's own, in plain words, and remembers the
     reasons it gave up (a refused certificate, an unknown key, an unreachable server)."""
 
+    REFUSED = ("the server refused this site: its key is not among the server's authorised "
+               "keys (--require-auth)")
     SIGNS = {
         "CERTIFICATE_VERIFY_FAILED": "the server's TLS certificate is not signed by "
                                      "--root-cert (wrong CA file, or not the right server)",
@@ -269,8 +292,7 @@ class _SuperNodeLog(threading.Thread):
                                 "--insecure?)",
         "Unable to parse the private key": "--auth-key is not an ECDSA private key in "
                                            "OpenSSH format (fedrnn certs writes one)",
-        "Failed to activate SuperNode": "the server refused this site: its key is not among "
-                                        "the server's authorised keys (--require-auth)",
+        "Failed to activate SuperNode": REFUSED,
         "SuperNode authentication is enabled": "the server admits only authorised sites: "
                                                "give this site's key with --auth-key",
         "Connection attempt failed": "cannot reach the server yet; still trying",

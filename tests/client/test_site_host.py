@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import httpx
 import pytest
 
 from fedrnn.shared import protocol as P
-from fedrnn.shared.errors import ConfigError, DataError
+from fedrnn.shared.errors import ConfigError, DataError, FedrnnError
 
 SECRET_PATH = "/secret/path/records.csv"  # the site's records file, never to leave the site
 
@@ -342,3 +343,76 @@ def test_only_the_holder_of_the_session_secret_claims_tasks(superlink, tmp_path,
     [reply] = json.loads(replies.read_text())
     assert reply == {"error": True, "code": P.FAILED_DATA, "reason": "data", "content": None}
     assert "secret" not in replies.read_text()
+
+
+class _Watcher:
+    """What a SuperNode session leaves: the problems its log showed, connected or not."""
+
+    TRANSIENT: set[str] = set()
+
+    def __init__(self, problems: list[str], connected: bool = False) -> None:
+        self.problems, self.lines = problems, []
+        self.connected = threading.Event()
+        if connected:
+            self.connected.set()
+        self.process = subprocess.Popen([sys.executable, "-c", "pass"])
+        self.process.wait()
+
+
+def _sessions(monkeypatch, outcomes):
+    """``_run_site`` with a clock that advances 1 s a session and each sleep as asked, its
+    sessions ``outcomes`` in turn; returns the clock times the sessions started."""
+    from fedrnn.client import node
+
+    clock, started = [0.0], []
+    monkeypatch.setattr(node.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(node.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(node, "read_site_records", lambda options: 10)
+    plan = iter(outcomes)
+
+    def session(options):
+        started.append(clock[0])
+        clock[0] += 1.0
+        outcome = next(plan)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(node, "_session", session)
+    return started
+
+
+def test_a_refused_key_is_retried_while_a_killed_session_may_still_hold_it(monkeypatch):
+    # With --require-auth a site killed without goodbye stays "online" at the SuperLink for
+    # up to two missed heartbeats, and its restart is refused as an unknown key would be:
+    # the site retries for that window, then joins.
+    from fedrnn.client import node
+
+    refused = _Watcher([node._SuperNodeLog.REFUSED])
+    joined = _Watcher([], connected=True)
+    stop_here = KeyboardInterrupt()
+    started = _sessions(monkeypatch, [refused] * 5 + [joined, stop_here])
+    options = node.SiteOptions(server="127.0.0.1:1", data=Path("d.csv"),
+                               ledger=Path("l.sqlite"), name="site", budget_epsilon=1.0,
+                               budget_delta=1e-5)
+    with pytest.raises(KeyboardInterrupt):
+        node._run_site(options)
+    assert len(started) == 7 and started[5] < node.REJOIN_WINDOW
+
+
+def test_a_key_refused_beyond_the_window_ends_the_site_with_one_message(monkeypatch):
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+
+    from fedrnn.client import node
+
+    # the window outlasts the SuperLink's patience with a silent node (Flower's constants)
+    assert node.REJOIN_WINDOW > HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+    refused = _Watcher([node._SuperNodeLog.REFUSED])
+    started = _sessions(monkeypatch, [refused] * 100)
+    options = node.SiteOptions(server="127.0.0.1:1", data=Path("d.csv"),
+                               ledger=Path("l.sqlite"), name="site", budget_epsilon=1.0,
+                               budget_delta=1e-5)
+    with pytest.raises(FedrnnError, match="not among the server's authorised keys") as err:
+        node._run_site(options)
+    assert "refused for 65s" in str(err.value)
+    assert started[-1] >= node.REJOIN_WINDOW - 6 and len(started) < 20
