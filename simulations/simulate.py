@@ -50,6 +50,12 @@ def prepare(config: RunConfig) -> RunConfig:
         resolve,
     )
 
+    # config.toml says where the run read its records and its first weights: absolute, so
+    # that the run directory means the same from anywhere (fedrnn audit --empirical reads
+    # the canary site's records again)
+    config = config.replace(**{key: str(Path(value).expanduser().resolve())
+                               for key in ("data", "init_from")
+                               if (value := getattr(config, key))})
     config = resolve(config)
     watched_metric(config)  # a metric the task does not report: stop before Ray works
     initial_weights(config)  # weights that do not fit: one line, before Ray works

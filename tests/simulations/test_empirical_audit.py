@@ -96,3 +96,19 @@ def test_a_reused_draw_plants_the_same_canaries_and_a_mismatch_is_refused(tmp_pa
         prepare(base.replace(out=str(tmp_path / "c"), canaries=40, canary_draw=str(draw)))
     with pytest.raises(ConfigError, match="not one of the run's sites"):
         prepare(base.replace(out=str(tmp_path / "d"), canary_site="site-9"))
+
+
+def test_the_run_records_where_its_records_are_by_absolute_path(tmp_path, monkeypatch):
+    # the audit reads the canary site's records again, from wherever it is run
+    from fedrnn.shared.config import RunConfig
+    from fedrnn.simulations.simulate import prepare
+
+    rows = ["client,sequence_id,time,x,label"]
+    rows += [f"c{c},{c}-{s},{t},{(s % 2) + 0.1 * t},{'ab'[s % 2]}"
+             for c in range(2) for s in range(12) for t in range(3)]
+    (tmp_path / "own.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    config = prepare(RunConfig(data="own.csv", task="classify", canaries=10,
+                               out=str(tmp_path / "run")))
+    assert config.data == str(tmp_path / "own.csv")
+
