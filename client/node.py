@@ -185,19 +185,25 @@ def _run_site(options: SiteOptions) -> int:
         watcher = _session(options)
         fatal = [p for p in watcher.problems if p not in watcher.TRANSIENT]
         if fatal == [_SuperNodeLog.REFUSED]:
-            first_refusal = first_refusal or time.monotonic()
+            if first_refusal is None:
+                first_refusal = time.monotonic()
+                if options.rejoin_wait:
+                    log.warning("the server refused this site's key; if this site was just "
+                                "restarted, the server may still hold its previous "
+                                "connection (up to 60s): retrying for %.0fs",
+                                options.rejoin_wait)
             if time.monotonic() - first_refusal < options.rejoin_wait:
-                log.warning("the server refused this site's key; if this site was just "
-                            "restarted, the server may hold its previous connection as "
-                            "online for up to %.0fs: retrying", REJOIN_WINDOW)
                 time.sleep(5.0)
                 continue
-            fatal = [f"{_SuperNodeLog.REFUSED}, or still held by another process with this "
-                     f"key (refused for {options.rejoin_wait:.0f}s)"]
+            waited = (f"retried for {options.rejoin_wait:.0f}s" if options.rejoin_wait
+                      else "not retried: --rejoin-wait 0")
+            fatal = [f"{_SuperNodeLog.REFUSED}, or still held for a previous connection of "
+                     f"this site's ({waited})"]
         if fatal:
             raise FedrnnError(f"site {options.name} stopped: {'; '.join(fatal)}")
         if watcher.connected.is_set():
             last_contact = time.monotonic()
+            first_refusal = None  # a later restart gets its own window
         elif not watcher.problems and watcher.process.returncode != 0:
             tail = "\n".join(watcher.lines[-5:])
             raise FedrnnError(f"site {options.name} stopped: Flower's SuperNode exited "

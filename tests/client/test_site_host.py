@@ -400,6 +400,22 @@ def test_a_refused_key_is_retried_while_a_killed_session_may_still_hold_it(monke
     assert len(started) == 7 and started[5] < node.REJOIN_WINDOW
 
 
+def test_each_refusal_after_a_connection_gets_its_own_window(monkeypatch):
+    from fedrnn.client import node
+
+    refused = _Watcher([node._SuperNodeLog.REFUSED])
+    joined = _Watcher([], connected=True)
+    # refused for most of a window, in, lost, then refused again for most of a window
+    started = _sessions(monkeypatch, [refused] * 9 + [joined] + [refused] * 9 +
+                        [joined, KeyboardInterrupt()])
+    options = node.SiteOptions(server="127.0.0.1:1", data=Path("d.csv"),
+                               ledger=Path("l.sqlite"), name="site", budget_epsilon=1.0,
+                               budget_delta=1e-5)
+    with pytest.raises(KeyboardInterrupt):
+        node._run_site(options)
+    assert len(started) == 21
+
+
 def test_a_key_refused_beyond_the_window_ends_the_site_with_one_message(monkeypatch):
     from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
@@ -414,5 +430,5 @@ def test_a_key_refused_beyond_the_window_ends_the_site_with_one_message(monkeypa
                                budget_delta=1e-5)
     with pytest.raises(FedrnnError, match="not among the server's authorised keys") as err:
         node._run_site(options)
-    assert "refused for 65s" in str(err.value)
+    assert "retried for 65s" in str(err.value)
     assert started[-1] >= node.REJOIN_WINDOW - 6 and len(started) < 20
