@@ -25,7 +25,7 @@ import numpy as np
 
 from fedrnn.client.empirical.scores import AuditedRun, load_audited, record_losses
 from fedrnn.client.empirical.sections import register_section
-from fedrnn.client.empirical.white_box import release_scores
+from fedrnn.client.empirical.white_box import release_scores, scales_for_adam
 from fedrnn.shared.audit_bounds import epsilon_lower_bound
 from fedrnn.shared.canary_releases import read_releases
 from fedrnn.shared.config import RunConfig, load_toml
@@ -136,8 +136,8 @@ def one_run_section(run_dir: Path) -> dict[str, Any] | None:
     releases = read_releases(run_dir)
     accounted, delta, noise = accounted_epsilon(run_dir, run.draw.site)
     if releases:
-        scores["release"] = release_scores(releases, run.config, tensors,
-                                           site=canary_site_records(run),
+        site = canary_site_records(run) if scales_for_adam(run.config) else None
+        scores["release"] = release_scores(releases, run.config, tensors, site=site,
                                            noise_multiplier=noise)
     included = np.array(run.draw.included, dtype=bool)
     result = one_run_bound(scores, included, delta=delta,

@@ -110,6 +110,12 @@ def release_coefficients(gradients: np.ndarray, update: np.ndarray, *,
     return np.linalg.solve(gram + ridge * scale * np.eye(len(gram)), gradients @ -update)
 
 
+def scales_for_adam(config: RunConfig) -> bool:
+    """Whether the site's steps were Adam's, whose per-coordinate scale the score divides
+    out (and for which it needs the site's other records)."""
+    return config.optimizer == "adam"
+
+
 def adam_scale(site: tuple[np.ndarray, np.ndarray, int], canaries: np.ndarray, *,
                batch_size: float, noise_std: float) -> np.ndarray:
     """[P]: the square root of the second moment Adam divides each coordinate of a round's
@@ -144,9 +150,9 @@ def release_scores(releases: list[Release], config: RunConfig, tensors: Sequence
         update = torch.cat([(release.released[n] - release.received[n]).reshape(-1)
                             for n in names]).double().numpy()
         gradients = clipped(per_canary_gradients(model, config, tensors), config.clip_norm)
-        if config.optimizer == "adam":
-            moments = (*clipped_moments(model, config, site), len(site)) if site is not None \
-                and len(site) else (0.0, 0.0, 0)
+        if scales_for_adam(config):
+            moments = ((*clipped_moments(model, config, site), len(site))
+                       if site is not None and len(site) else (0.0, 0.0, 0))
             gradients = gradients / adam_scale(
                 moments, gradients, batch_size=config.batch_size,
                 noise_std=noise_multiplier * config.clip_norm)
